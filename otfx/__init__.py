@@ -1,0 +1,8 @@
+"""otfx: fuse independently trained transformers with optimal transport, over traced graphs."""
+
+from otfx.api import analyse
+from otfx.symmetry import random_symmetry
+from otfx.trace import Traced, TraceError, trace
+
+__all__ = ["Traced", "TraceError", "analyse", "random_symmetry", "trace"]
+__version__ = "0.1.0"

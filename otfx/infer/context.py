@@ -1,0 +1,115 @@
+"""The state an inference pass reads and writes while the graph is walked: the space of every tensor axis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from otfx.infer.spaces import Spaces
+
+Axes = list[int]
+
+
+@dataclass
+class Record:
+    """A flow-graph event seen by a pass: a residual add, a concat, an attention, a norm or a layer."""
+
+    kind: str
+    node: str
+    inputs: list[int]
+    output: int | None = None
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class InferContext:
+    """Per-walk state. Passes use ``axes_of``, ``set_axes``, ``link`` and the record helpers."""
+
+    spaces: Spaces = field(default_factory=Spaces)
+    axes: dict[fx.Node, object] = field(default_factory=dict)
+    #: param-derived nodes: node -> (parameter name, node axis -> parameter axis or None)
+    param_view: dict[fx.Node, tuple[str, list[int | None]]] = field(default_factory=dict)
+    #: nodes whose value depends on the model's inputs (the rest depend on parameters and buffers only)
+    dynamic: set[fx.Node] = field(default_factory=set)
+    param_axes: dict[str, Axes] = field(default_factory=dict)
+    buffer_axes: dict[str, Axes] = field(default_factory=dict)
+    producers: list[tuple[int, str, int, str]] = field(default_factory=list)  # (space, param, axis, node)
+    records: list[Record] = field(default_factory=list)
+    unknown_ops: dict[str, list[str]] = field(default_factory=dict)
+    fixing_ops: dict[str, list[str]] = field(default_factory=dict)
+    #: factor spaces split by select/unbind: factor root -> (parent space, copies per index)
+    factor_splits: dict[int, tuple[int, list[dict[int, int]]]] = field(default_factory=dict)
+
+    # ---- reading ---------------------------------------------------------------------------------------
+    @staticmethod
+    def shape(node) -> tuple[int, ...] | None:
+        val = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if isinstance(val, torch.Tensor):
+            return tuple(int(s) for s in val.shape)
+        return None
+
+    def axes_of(self, node) -> Axes | None:
+        """The spaces of a tensor node's axes, or None for non-tensors (numbers, shapes)."""
+        if not isinstance(node, fx.Node):
+            return None
+        value = self.axes.get(node)
+        return value if isinstance(value, list) and all(isinstance(a, int) for a in value) else None
+
+    def is_param_derived(self, node) -> bool:
+        return isinstance(node, fx.Node) and node in self.param_view
+
+    # ---- writing ---------------------------------------------------------------------------------------
+    def set_axes(self, node: fx.Node, axes) -> None:
+        self.axes[node] = axes
+
+    def fresh(self, shape, fixed: str | None = None) -> Axes:
+        return [self.spaces.new(s, fixed) for s in shape]
+
+    def link(self, a: int, b: int, kind: str = "exact") -> None:
+        self.spaces.link(a, b, kind)
+
+    def produce(self, space: int, weight: fx.Node, axis: int, node: fx.Node) -> None:
+        """Record that ``space`` is created by the rows of ``weight`` along ``axis`` (a layer's output)."""
+        view = self.param_view.get(weight)
+        if view is not None and view[1][axis] is not None:
+            self.producers.append((space, view[0], view[1][axis], node.name))
+        self.records.append(Record("layer", node.name, [], space, {"weight": view[0] if view else None}))
+
+    def record(self, kind: str, node: fx.Node, inputs: list[int], output: int | None = None, **info) -> None:
+        self.records.append(Record(kind, node.name, inputs, output, info))
+
+    def fix_node(self, node: fx.Node, reason: str, *, unknown: bool) -> None:
+        """Make every space that this node reads or writes fixed (used for ops no pass understands)."""
+        table = self.unknown_ops if unknown else self.fixing_ops
+        table.setdefault(str(node.target), []).append(node.name)
+        for arg in _tensor_args(node):
+            for sid in self.axes_of(arg) or []:
+                self.spaces.fix(sid, reason)
+        self.set_axes(node, self.fresh_like(node.meta.get("val"), reason))
+
+    def fresh_like(self, val, fixed: str | None = None):
+        if isinstance(val, torch.Tensor):
+            return self.fresh([int(s) for s in val.shape], fixed)
+        if isinstance(val, (tuple, list)):
+            return [self.fresh_like(v, fixed) for v in val]
+        return None
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    found: list[fx.Node] = []
+
+    def visit(a):
+        if isinstance(a, fx.Node):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            for x in a:
+                visit(x)
+        elif isinstance(a, dict):
+            for x in a.values():
+                visit(x)
+
+    visit(node.args)
+    visit(node.kwargs)
+    return found

@@ -1,0 +1,210 @@
+"""The result of inference, as data: parameter axis -> transport space, the spaces' structure, and the TM flow
+graph (a networkx DiGraph) whose nodes are the paper's layers, residual, attention, concat and norm nodes."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+from torch import fx
+
+from otfx.infer.context import InferContext, Record
+from otfx.infer.spaces import Spaces
+from otfx.trace import Traced
+
+_PASS_THROUGH = {"mul", "div", "add", "sub", "where", "masked_fill", "to", "_to_copy", "dropout", "clone",
+                 "alias", "contiguous"}
+
+
+def _op_name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+
+def find_matmul_attention(graph: fx.Graph, records: list[Record]) -> list[Record]:
+    """Attention written as matmul -> (scale, mask) -> softmax -> (dropout) -> matmul."""
+    matmuls = {r.node: r for r in records if r.kind == "matmul"}
+    found = []
+    for node in graph.nodes:
+        if node.op != "call_function" or _op_name(node) not in ("softmax", "_softmax"):
+            continue
+        src = node.args[0]
+        while isinstance(src, fx.Node) and src.name not in matmuls and _op_name(src) in _PASS_THROUGH:
+            src = next((a for a in src.args if isinstance(a, fx.Node)), None)
+        if not isinstance(src, fx.Node) or src.name not in matmuls:
+            continue
+        dst, frontier = None, [node]
+        while frontier and dst is None:
+            current = frontier.pop()
+            for user in current.users:
+                if user.name in matmuls and user.args[0] is current:
+                    dst = user
+                elif _op_name(user) in ("dropout", "to", "_to_copy", "clone", "alias"):
+                    frontier.append(user)
+        if dst is None:
+            continue
+        scores, mix = matmuls[src.name], matmuls[dst.name]
+        found.append(Record("attention", node.name, [scores.inputs[0], scores.inputs[1], mix.output], mix.output,
+                            {"heads": [scores.info["a_heads"], scores.info["b_heads"], mix.info["b_heads"]],
+                             "form": "matmul+softmax"}))
+    return found
+
+
+@dataclass
+class Inference:
+    """Transport spaces of one traced model. Space ids index ``spaces``; use ``coarse``/``fine`` for classes."""
+
+    traced: Traced
+    spaces: Spaces
+    param_axes: dict[str, list[int]]
+    buffer_axes: dict[str, list[int]]
+    producers: dict[int, list[tuple[str, int]]]
+    records: list[Record]
+    unknown_ops: dict[str, list[str]]
+    fixing_ops: dict[str, list[str]]
+    roles: dict[int, str] = field(default_factory=dict)
+    flow_graph: nx.DiGraph = field(default_factory=nx.DiGraph)
+
+    @classmethod
+    def build(cls, traced: Traced, ctx: InferContext) -> Inference:
+        records = ctx.records + find_matmul_attention(traced.graph, ctx.records)
+        fine = ctx.spaces.fine
+        producers: dict[int, list[tuple[str, int]]] = defaultdict(list)
+        for space, fqn, axis, _node in ctx.producers:
+            if (fqn, axis) not in producers[fine.find(space)]:
+                producers[fine.find(space)].append((fqn, axis))
+        result = cls(traced, ctx.spaces, ctx.param_axes, ctx.buffer_axes, dict(producers), records,
+                     ctx.unknown_ops, ctx.fixing_ops)
+        result.roles = result._roles()
+        result.flow_graph = result._flow_graph()
+        return result
+
+    # ---- spaces --------------------------------------------------------------------------------------
+    def coarse(self, sid: int) -> int:
+        return self.spaces.coarse.find(sid)
+
+    def fine(self, sid: int) -> int:
+        return self.spaces.fine.find(sid)
+
+    def is_fixed(self, sid: int) -> bool:
+        return self.spaces.coarse.is_fixed(sid)
+
+    def size(self, sid: int) -> int:
+        return self.spaces.size(sid)
+
+    def leaves(self, sid: int, partition: str = "coarse") -> list[int]:
+        """The atomic spaces a (possibly structured) space is made of."""
+        part = getattr(self.spaces, partition)
+        root = part.find(sid)
+        structure = part.structure.get(root)
+        if structure is None:
+            return [root]
+        return [leaf for child in structure[1] for leaf in self.leaves(child, partition)]
+
+    def free_spaces(self) -> list[int]:
+        """Atomic coarse spaces that act on some parameter and may be permuted."""
+        seen: dict[int, None] = {}
+        for axes in self.param_axes.values():
+            for sid in axes:
+                for leaf in self.leaves(sid):
+                    if not self.is_fixed(leaf) and self.size(leaf) > 1:
+                        seen[leaf] = None
+        return list(seen)
+
+    def space_params(self) -> dict[int, list[tuple[str, int]]]:
+        """For each free atomic space, the parameter axes it acts on (directly or as a part)."""
+        table: dict[int, list[tuple[str, int]]] = defaultdict(list)
+        for fqn, axes in self.param_axes.items():
+            for axis, sid in enumerate(axes):
+                for leaf in self.leaves(sid):
+                    if not self.is_fixed(leaf) and self.size(leaf) > 1:
+                        table[leaf].append((fqn, axis))
+        return dict(table)
+
+    def fixed_reasons(self, sid: int) -> list[str]:
+        return self.spaces.coarse.fixed.get(self.coarse(sid), [])
+
+    def _roles(self) -> dict[int, str]:
+        roles: dict[int, str] = {}
+
+        def mark(sid: int | None, role: str) -> None:
+            if sid is None:
+                return
+            for leaf in self.leaves(sid):
+                roles.setdefault(leaf, role)
+
+        for r in self.records:
+            if r.kind == "attention":
+                for h in r.info.get("heads", []):
+                    mark(h, "heads")
+        for r in self.records:
+            if r.kind == "residual":
+                mark(r.output, "residual")
+        for r in self.records:
+            if r.kind == "attention":
+                mark(r.inputs[0], "head_dim_qk")
+                mark(r.inputs[2], "head_dim_v")
+        for sid in self.free_spaces():
+            roles.setdefault(sid, "hidden")
+        return {sid: role for sid, role in roles.items() if sid in set(self.free_spaces())}
+
+    # ---- flow graph ----------------------------------------------------------------------------------
+    def _flow_graph(self) -> nx.DiGraph:
+        """Op-level TM flow graph: an edge carries the fine space (one transport map) between two nodes."""
+        g = nx.DiGraph()
+        consumers: dict[int, list[str]] = defaultdict(list)
+        for r in self.records:
+            if r.kind == "matmul":
+                continue
+            name = f"{r.kind}:{r.node}"
+            attrs = {"kind": r.kind, "op": r.node}
+            if r.kind == "layer":
+                attrs["weight"] = r.info.get("weight")
+            g.add_node(name, **attrs)
+            for sid in r.inputs:
+                consumers[self.fine(sid)].append(name)
+        for fqn, axes in self.param_axes.items():
+            for sid in axes[1:] if len(axes) > 1 else []:
+                consumers[self.fine(sid)].append(f"param:{fqn}")
+        for r in self.records:
+            if r.kind == "matmul" or r.output is None:
+                continue
+            src = f"{r.kind}:{r.node}"
+            space = self.fine(r.output)
+            for dst in consumers.get(space, []):
+                if dst != src and not dst.startswith("param:"):
+                    g.add_edge(src, dst, space=space, size=self.size(space))
+        # layers consume their input space through the weight's input axis
+        for r in self.records:
+            if r.kind != "layer" or not r.info.get("weight"):
+                continue
+            axes = self.param_axes.get(r.info["weight"], [])
+            for sid in axes:
+                space = self.fine(sid)
+                if space == self.fine(r.output):
+                    continue
+                for other in self.records:
+                    if other.kind != "matmul" and other.output is not None and self.fine(other.output) == space:
+                        g.add_edge(f"{other.kind}:{other.node}", f"layer:{r.node}", space=space,
+                                   size=self.size(space))
+        return g
+
+    # ---- reporting -----------------------------------------------------------------------------------
+    def coverage(self) -> dict[str, list[str]]:
+        """Ops that no pass understands, with the graph nodes where they occur."""
+        return dict(self.unknown_ops)
+
+    def permutable_params(self) -> dict[str, list[bool]]:
+        return {fqn: [any(not self.is_fixed(leaf) and self.size(leaf) > 1 for leaf in self.leaves(sid))
+                      for sid in axes] for fqn, axes in self.param_axes.items()}
+
+    def summary(self) -> str:
+        from otfx.inspect import render_summary
+
+        return render_summary(self)
+
+
+def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None

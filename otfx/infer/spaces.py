@@ -1,0 +1,233 @@
+"""Transport spaces: a union-find over tensor axes, with product (head x head_dim) and direct-sum (q|k|v)
+structure, kept at two granularities.
+
+* ``coarse``: every function-preserving equality. Its classes are the model's permutation symmetries.
+* ``fine``: the same, except that residual adds, concatenations, attention's query-key contraction, heads
+  shared across q/k/v and tied weights only *link* spaces instead of merging them. Its classes are the nodes
+  that carry one transport map each in the paper's TM flow graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: link kinds that merge spaces in the coarse partition only
+SOFT_KINDS = frozenset({"residual", "concat", "contract", "heads", "tied"})
+
+
+@dataclass
+class Partition:
+    """Union-find over space ids, each class with a size, an optional structure and reasons to be fixed."""
+
+    parent: list[int] = field(default_factory=list)
+    size: list[int] = field(default_factory=list)
+    structure: dict[int, tuple[str, list[int]]] = field(default_factory=dict)
+    fixed: dict[int, list[str]] = field(default_factory=dict)
+    conflicts: list[str] = field(default_factory=list)
+
+    def add(self, size: int) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(size)
+        return len(self.parent) - 1
+
+    def find(self, x: int) -> int:
+        root = x
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[x] != root:
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def is_fixed(self, x: int) -> bool:
+        return self.find(x) in self.fixed
+
+    def fix(self, x: int, reason: str) -> None:
+        reasons = self.fixed.setdefault(self.find(x), [])
+        if reason not in reasons and len(reasons) < 8:
+            reasons.append(reason)
+
+    def children(self, x: int) -> tuple[str, list[int]] | None:
+        return self.structure.get(self.find(x))
+
+    def union(self, a: int, b: int) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        if self.size[ra] != self.size[rb]:
+            self.conflicts.append(f"size mismatch {self.size[ra]} vs {self.size[rb]}")
+            self.fix(ra, "axes of different sizes meet")
+            self.fix(rb, "axes of different sizes meet")
+            return ra
+        self.parent[rb] = ra
+        if rb in self.fixed:
+            for reason in self.fixed.pop(rb):
+                self.fix(ra, reason)
+        sa, sb = self.structure.pop(ra, None), self.structure.pop(rb, None)
+        if sa:
+            self.structure[ra] = sa
+        if sb:
+            self.set_structure(ra, *sb)
+        return ra
+
+    def set_structure(self, x: int, kind: str, children: list[int]) -> None:
+        """Declare ``x`` a product (mixed radix, outer first) or direct sum of ``children``."""
+        root = self.find(x)
+        old = self.structure.get(root)
+        if old is None:
+            self.structure[root] = (kind, list(children))
+            return
+        old_kind, old_children = old
+        if old_kind != kind:
+            self._conflict(root, f"{old_kind} meets {kind}", old_children + list(children))
+            return
+        groups = align_groups([self.size[self.find(c)] for c in old_children],
+                              [self.size[self.find(c)] for c in children], kind)
+        if groups is None:
+            self._conflict(root, f"{kind} structures do not align", old_children + list(children))
+            return
+        for left, right in groups:
+            lhs = [old_children[i] for i in left]
+            rhs = [children[i] for i in right]
+            if len(lhs) == 1 and len(rhs) == 1:
+                self.union(lhs[0], rhs[0])
+            elif len(lhs) == 1:
+                self.set_structure(lhs[0], kind, rhs)
+            elif len(rhs) == 1:
+                self.set_structure(rhs[0], kind, lhs)
+            else:
+                self._conflict(root, f"{kind} structures do not align", lhs + rhs)
+
+    def replace_structure(self, x: int, kind: str, children: list[int]) -> None:
+        self.structure[self.find(x)] = (kind, list(children))
+
+    def _conflict(self, root: int, why: str, involved: list[int]) -> None:
+        self.conflicts.append(why)
+        self.fix(root, why)
+        for c in involved:
+            self.fix(c, why)
+
+    def roots(self) -> list[int]:
+        return sorted({self.find(i) for i in range(len(self.parent))})
+
+    def close(self) -> None:
+        """Merge equal structures (congruence closure) and fix every part of a fixed space."""
+        changed = True
+        while changed:
+            changed = False
+            seen: dict[tuple, int] = {}
+            for root in list(self.structure):
+                if self.find(root) != root or root not in self.structure:
+                    continue
+                kind, children = self.structure[root]
+                key = (kind, tuple(self.find(c) for c in children))
+                if key in seen and self.find(seen[key]) != root:
+                    self.union(seen[key], root)
+                    changed = True
+                else:
+                    seen[key] = root
+            for root in list(self.fixed):
+                if self.find(root) != root:
+                    continue
+                for child in self.structure.get(root, ("", []))[1]:
+                    if not self.is_fixed(child):
+                        self.fix(child, "part of a fixed space")
+                        changed = True
+
+
+def align_groups(left: list[int], right: list[int], kind: str) -> list[tuple[list[int], list[int]]] | None:
+    """Group two factor (or summand) size lists into runs of equal product (or sum); None if they cross."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    combine = (lambda x, y: x * y) if kind == "prod" else (lambda x, y: x + y)
+    while i < len(left) and j < len(right):
+        li, rj = [i], [j]
+        lv, rv = left[i], right[j]
+        i, j = i + 1, j + 1
+        while lv != rv:
+            if lv < rv and i < len(left):
+                lv = combine(lv, left[i])
+                li.append(i)
+                i += 1
+            elif rv < lv and j < len(right):
+                rv = combine(rv, right[j])
+                rj.append(j)
+                j += 1
+            else:
+                return None
+        groups.append((li, rj))
+    if i != len(left) or j != len(right):
+        return None
+    return groups
+
+
+@dataclass
+class Spaces:
+    """The two partitions over one set of space ids; passes call ``new``, ``link`` and ``structure``."""
+
+    coarse: Partition = field(default_factory=Partition)
+    fine: Partition = field(default_factory=Partition)
+    #: groups of spaces that are fixed together (the parts of a sliced axis: a position table is sliced to
+    #: the traced length, and the rest is used at other lengths)
+    together: list[list[int]] = field(default_factory=list)
+
+    def new(self, size: int, fixed: str | None = None) -> int:
+        sid = self.coarse.add(size)
+        self.fine.add(size)
+        if fixed:
+            self.fix(sid, fixed)
+        return sid
+
+    def size(self, sid: int) -> int:
+        return self.coarse.size[sid]
+
+    def fix(self, sid: int, reason: str) -> None:
+        self.coarse.fix(sid, reason)
+        self.fine.fix(sid, reason)
+
+    def is_fixed(self, sid: int) -> bool:
+        return self.coarse.is_fixed(sid)
+
+    def link(self, a: int, b: int, kind: str = "exact") -> None:
+        """Declare two axes the same space (``exact``) or coupled through a flow-graph node (soft kinds)."""
+        self.coarse.union(a, b)
+        if kind not in SOFT_KINDS:
+            self.fine.union(a, b)
+
+    def same_fine(self, a: int, b: int) -> bool:
+        return self.fine.find(a) == self.fine.find(b)
+
+    def set_structure(self, sid: int, kind: str, children: list[int]) -> None:
+        self.coarse.set_structure(sid, kind, children)
+        self.fine.set_structure(sid, kind, children)
+
+    def product(self, children: list[int]) -> int:
+        """A new space that is the product of ``children`` (outer first)."""
+        size = 1
+        for c in children:
+            size *= self.size(c)
+        sid = self.new(size)
+        self.set_structure(sid, "prod", children)
+        return sid
+
+    def direct_sum(self, children: list[int]) -> int:
+        sid = self.new(sum(self.size(c) for c in children))
+        self.set_structure(sid, "sum", children)
+        return sid
+
+    def close(self) -> None:
+        changed = True
+        while changed:
+            self.fine.close()
+            self.coarse.close()
+            changed = False
+            for group in self.together:
+                if any(self.coarse.is_fixed(s) for s in group):
+                    for s in group:
+                        if not self.coarse.is_fixed(s):
+                            self.fix(s, "part of a sliced axis whose kept part is fixed")
+                            changed = True
+            # a space fixed in the coarse partition is fixed in every fine class inside it
+            for sid in range(len(self.fine.parent)):
+                if self.coarse.is_fixed(sid) and not self.fine.is_fixed(sid):
+                    self.fine.fix(sid, "coupled to a fixed space")
+                    changed = True

@@ -1,0 +1,58 @@
+"""Helpers shared by the op passes: argument access and broadcasting."""
+
+from __future__ import annotations
+
+from torch import fx
+
+from otfx.infer.context import Axes, InferContext
+
+
+def arg(node: fx.Node, index: int, name: str, default=None):
+    """Positional-or-keyword argument of an ATen call."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def dim_index(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def is_dynamic(ctx: InferContext, node) -> bool:
+    """Whether a tensor depends on the model's inputs (not only on parameters, buffers and constants)."""
+    return isinstance(node, fx.Node) and node in ctx.dynamic
+
+
+def broadcast(ctx: InferContext, node: fx.Node, operands: list[fx.Node], combine: str | None) -> Axes:
+    """Link the broadcast-aligned axes of element-wise operands and return the output axes.
+
+    ``combine`` names the flow-graph node ("residual" for add) created where two input-dependent operands
+    with different transport spaces meet; otherwise they are the same space.
+    """
+    shapes = [ctx.shape(op) for op in operands]
+    axes = [ctx.axes_of(op) for op in operands]
+    out_shape = ctx.shape(node)
+    out: Axes = []
+    for d in range(len(out_shape)):
+        offset = len(out_shape) - d
+        present = [(op, ax[len(ax) - offset]) for op, ax, sh in zip(operands, axes, shapes)
+                   if ax is not None and len(ax) >= offset and sh[len(sh) - offset] == out_shape[d]]
+        if not present:
+            out.append(ctx.spaces.new(out_shape[d]))
+            continue
+        spaces = ctx.spaces
+        distinct = {spaces.fine.find(s) for _, s in present}
+        dynamic = [s for op, s in present if is_dynamic(ctx, op)]
+        if (combine and len(distinct) > 1 and len(dynamic) == len(present)
+                and not any(spaces.fine.is_fixed(s) for _, s in present)):
+            joined = spaces.new(out_shape[d])
+            for _, s in present:
+                ctx.link(s, joined, combine)
+            ctx.record(combine, node, [s for _, s in present], joined)
+            out.append(joined)
+        else:
+            first = present[0][1]
+            for _, s in present[1:]:
+                ctx.link(first, s)
+            out.append(first)
+    return out

@@ -1,0 +1,114 @@
+"""Layers: ops that contract an input axis with a weight and create a new output space (the layer's TM).
+
+linear, addmm (GPT-2 Conv1D, weight [in, out]), mm/matmul/bmm with a weight, conv1d/conv2d patch embeddings
+and embedding lookups. A matmul of two activations (attention scores, attention x values) contracts two
+spaces that the flow graph links rather than merges.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from otfx.infer.context import InferContext
+from otfx.passes import register
+from otfx.passes._common import arg, is_dynamic
+
+aten = torch.ops.aten
+
+
+def _layer(ctx: InferContext, node: fx.Node, x: fx.Node, weight: fx.Node, in_axis: int, out_axis: int,
+           bias: fx.Node | None) -> None:
+    """Output = x[..., in] contracted with weight[in_axis]; the new last axis is weight[out_axis]."""
+    x_axes, w_axes = ctx.axes_of(x), ctx.axes_of(weight)
+    if x_axes is None or w_axes is None:
+        ctx.fix_node(node, f"unsupported arguments to {node.target}", unknown=True)
+        return
+    ctx.link(x_axes[-1], w_axes[in_axis])
+    out = ctx.spaces.new(ctx.shape(node)[-1])
+    ctx.link(w_axes[out_axis], out)
+    ctx.produce(out, weight, out_axis, node)
+    if isinstance(bias, fx.Node) and ctx.axes_of(bias):
+        ctx.link(ctx.axes_of(bias)[-1], out)
+    ctx.set_axes(node, x_axes[:-1] + [out])
+
+
+@register(aten.linear.default)
+def linear(ctx: InferContext, node: fx.Node) -> None:
+    _layer(ctx, node, node.args[0], node.args[1], 1, 0, arg(node, 2, "bias"))
+
+
+@register(aten.addmm.default)
+def addmm(ctx: InferContext, node: fx.Node) -> None:
+    bias, x, weight = node.args[:3]
+    if is_dynamic(ctx, weight):
+        ctx.fix_node(node, "addmm with an input-dependent right operand", unknown=True)
+        return
+    _layer(ctx, node, x, weight, 0, 1, bias)
+
+
+@register(aten.mm.default, aten.matmul.default, aten.bmm.default)
+def matmul(ctx: InferContext, node: fx.Node) -> None:
+    a, b = node.args[:2]
+    a_axes, b_axes = ctx.axes_of(a), ctx.axes_of(b)
+    if a_axes is None or b_axes is None or len(a_axes) < 2 or len(b_axes) < 2:
+        ctx.fix_node(node, f"{node.target} on vectors", unknown=True)
+        return
+    if not is_dynamic(ctx, b) and len(b_axes) == 2 and is_dynamic(ctx, a):
+        _layer(ctx, node, a, b, 0, 1, None)
+        return
+    if not (is_dynamic(ctx, a) and is_dynamic(ctx, b)):
+        # products of parameters or buffers only (e.g. rotary frequencies): plain exact contraction
+        ctx.link(a_axes[-1], b_axes[-2])
+        kind = "exact"
+    else:
+        ctx.link(a_axes[-1], b_axes[-2], "contract")
+        kind = "heads"
+    out_shape = ctx.shape(node)
+    batch = []
+    for d in range(len(out_shape) - 2):
+        offset = len(out_shape) - d
+        cands = [ax[len(ax) - offset] for ax, sh in ((a_axes, ctx.shape(a)), (b_axes, ctx.shape(b)))
+                 if len(ax) >= offset and sh[len(sh) - offset] == out_shape[d]]
+        if not cands:
+            batch.append(ctx.spaces.new(out_shape[d]))
+            continue
+        for c in cands[:-1]:
+            ctx.link(c, cands[-1], kind)
+        batch.append(cands[-1])
+    ctx.record("matmul", node, [a_axes[-1], b_axes[-2]], b_axes[-1], a=a.name, b=b.name,
+               a_heads=a_axes[-3] if len(a_axes) > 2 else None, b_heads=b_axes[-3] if len(b_axes) > 2 else None)
+    ctx.set_axes(node, batch + [a_axes[-2], b_axes[-1]])
+
+
+@register(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
+def conv(ctx: InferContext, node: fx.Node) -> None:
+    x, weight = node.args[:2]
+    bias = arg(node, 2, "bias")
+    groups = arg(node, 6, "groups", 1)
+    x_axes, w_axes = ctx.axes_of(x), ctx.axes_of(weight)
+    if groups != 1 or x_axes is None or w_axes is None:
+        ctx.fix_node(node, "grouped convolution", unknown=True)
+        return
+    ctx.link(x_axes[1], w_axes[1])
+    for kernel_axis in w_axes[2:]:
+        ctx.spaces.fix(kernel_axis, "convolution kernel position")
+    shape = ctx.shape(node)
+    out = ctx.spaces.new(shape[1])
+    ctx.link(w_axes[0], out)
+    ctx.produce(out, weight, 0, node)
+    if isinstance(bias, fx.Node):
+        ctx.link(ctx.axes_of(bias)[0], out)
+    spatial = ctx.fresh(shape[2:], "convolution output position")
+    ctx.set_axes(node, [x_axes[0], out, *spatial])
+
+
+@register(aten.embedding.default)
+def embedding(ctx: InferContext, node: fx.Node) -> None:
+    weight, ids = node.args[:2]
+    w_axes, id_axes = ctx.axes_of(weight), ctx.axes_of(ids)
+    ctx.spaces.fix(w_axes[0], "embedding rows are indexed by token id")
+    out = ctx.spaces.new(ctx.shape(node)[-1])
+    ctx.link(w_axes[1], out)
+    ctx.produce(out, weight, 1, node)
+    ctx.set_axes(node, list(id_axes) + [out])

@@ -1,0 +1,68 @@
+"""Element-wise ops: activations, dropout, casts and copies pass spaces through; binary ops broadcast.
+
+``add``/``sub`` of two input-dependent tensors whose spaces differ is a residual node; ``mul`` (norm weights,
+SwiGLU gates) makes its operands one space.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from otfx.infer.context import InferContext
+from otfx.passes import register
+from otfx.passes._common import broadcast
+
+aten = torch.ops.aten
+
+UNARY = [
+    aten.relu.default, aten.gelu.default, aten.silu.default, aten.tanh.default, aten.sigmoid.default,
+    aten.neg.default, aten.exp.default, aten.log.default, aten.sqrt.default, aten.rsqrt.default,
+    aten.abs.default, aten.square.default, aten.erf.default, aten.sin.default, aten.cos.default,
+    aten.reciprocal.default, aten.hardtanh.default, aten.leaky_relu.default, aten.elu.default,
+    aten.softplus.default, aten.mish.default, aten.hardswish.default, aten.hardsigmoid.default,
+    aten.relu_.default, aten.gelu_.default, aten.silu_.default,
+    aten.pow.Tensor_Scalar, aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default,
+    aten.dropout.default, aten.alpha_dropout.default, aten.feature_dropout.default,
+    aten.clone.default, aten.alias.default, aten.contiguous.default, aten.detach.default,
+    aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.to.other, aten._to_copy.default,
+    aten.type_as.default, aten.lift_fresh_copy.default, aten.nan_to_num.default,
+    aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
+    aten.masked_fill.Scalar, aten.fill.Scalar,
+]
+
+
+@register(*UNARY)
+def unary(ctx: InferContext, node: fx.Node) -> None:
+    """Same spaces as the input (softmax over an axis is equivariant to permuting it)."""
+    x = node.args[0]
+    ctx.set_axes(node, list(ctx.axes_of(x)))
+    if x in ctx.param_view and node.target in VIEW_LIKE:
+        ctx.param_view[node] = ctx.param_view[x]
+
+
+VIEW_LIKE = {aten.clone.default, aten.alias.default, aten.contiguous.default, aten.detach.default,
+             aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default,
+             aten.lift_fresh_copy.default, aten.dropout.default}
+
+
+def _tensors(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.args if isinstance(a, fx.Node) and InferContext.shape(a) is not None]
+
+
+@register(aten.add.Tensor, aten.sub.Tensor, aten.rsub.Tensor)
+def add(ctx: InferContext, node: fx.Node) -> None:
+    ctx.set_axes(node, broadcast(ctx, node, _tensors(node), "residual"))
+
+
+@register(aten.mul.Tensor, aten.div.Tensor, aten.where.self, aten.maximum.default, aten.minimum.default,
+          aten.pow.Tensor_Tensor, aten.masked_fill.Tensor, aten.where.ScalarOther, aten.where.ScalarSelf,
+          aten.add.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.sub.Scalar, aten.div.Tensor_mode,
+          aten.lerp.Scalar, aten.addcmul.default)
+def multiply(ctx: InferContext, node: fx.Node) -> None:
+    ctx.set_axes(node, broadcast(ctx, node, _tensors(node), None))
+
+
+@register(aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default)
+def no_output(ctx: InferContext, node: fx.Node) -> None:
+    ctx.set_axes(node, None)
