@@ -26,6 +26,8 @@ def space_permutations(inference: Inference, seed: int = 0) -> dict[int, torch.T
             result = torch.arange(size)
         elif structure is None:
             result = torch.randperm(size, generator=g)
+            while size > 1 and bool((result == torch.arange(size)).all()):
+                result = torch.randperm(size, generator=g)
         elif structure[0] == "sum":
             parts, offset = [], 0
             for child in structure[1]:

@@ -4,11 +4,11 @@ one, and heads are shared across q, k and v (grouped-query attention: query head
 from __future__ import annotations
 
 import torch
+from otfx.passes import register
+from otfx.passes._common import arg
 from torch import fx
 
 from otfx.infer.context import InferContext
-from otfx.passes import register
-from otfx.passes._common import arg
 
 aten = torch.ops.aten
 

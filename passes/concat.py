@@ -5,11 +5,11 @@ unbind/select over the outer factor of a product turn it into a sum (timm and nn
 from __future__ import annotations
 
 import torch
+from otfx.passes import register
+from otfx.passes._common import arg, dim_index, is_dynamic
 from torch import fx
 
 from otfx.infer.context import InferContext
-from otfx.passes import register
-from otfx.passes._common import arg, dim_index, is_dynamic
 
 aten = torch.ops.aten
 

@@ -8,11 +8,11 @@ spaces that the flow graph links rather than merges.
 from __future__ import annotations
 
 import torch
+from otfx.passes import register
+from otfx.passes._common import arg, is_dynamic
 from torch import fx
 
 from otfx.infer.context import InferContext
-from otfx.passes import register
-from otfx.passes._common import arg, is_dynamic
 
 aten = torch.ops.aten
 

@@ -7,11 +7,11 @@ SwiGLU gates) makes its operands one space.
 from __future__ import annotations
 
 import torch
+from otfx.passes import register
+from otfx.passes._common import broadcast
 from torch import fx
 
 from otfx.infer.context import InferContext
-from otfx.passes import register
-from otfx.passes._common import broadcast
 
 aten = torch.ops.aten
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+from otfx.passes import register
+from otfx.passes._common import arg, dim_index
 from torch import fx
 
 from otfx.infer.context import InferContext
-from otfx.passes import register
-from otfx.passes._common import arg, dim_index
 
 aten = torch.ops.aten
 

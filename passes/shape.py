@@ -4,12 +4,12 @@ one; transposes reorder axes; expand adds broadcast axes that nothing constrains
 from __future__ import annotations
 
 import torch
+from otfx.passes import register
+from otfx.passes._common import arg, dim_index
 from torch import fx
 
 from otfx.infer.context import InferContext
 from otfx.infer.spaces import align_groups
-from otfx.passes import register
-from otfx.passes._common import arg, dim_index
 
 aten = torch.ops.aten
 

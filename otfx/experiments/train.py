@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 from .data import Split, cache_root
 
 __all__ = [
-    "IMAGE_GEOMETRY", "Curve", "vit_config", "build_vit", "bert_mlm_config", "build_bert_mlm", "warmup_cosine",
-    "train_classifier", "finetune", "evaluate_accuracy", "mlm_loss", "train_mlm", "evaluate_mlm_loss",
-    "cached_parent",
+    "IMAGE_GEOMETRY", "Curve", "vit_config", "build_vit", "bert_mlm_config", "build_bert_mlm",
+    "warmup_cosine", "train_classifier", "finetune", "evaluate_accuracy", "mlm_loss", "train_mlm",
+    "evaluate_mlm_loss", "parent_key", "cached_parent",
 ]
 
 # data set -> (image size, patch size, channels)
@@ -45,16 +45,19 @@ _ALIASES = {"fashion": "fashion-mnist", "fashion_mnist": "fashion-mnist", "fmnis
 
 def vit_config(dataset: str = "digits", *, hidden: int = 64, mlp: int = 128, layers: int = 4, heads: int = 4,
                num_labels: int = 10, **overrides: Any):
-    """``ViTConfig`` of the small parents: digits (8x8, patch 2) or Fashion-MNIST (28x28, patch 7), no dropout.
+    """``ViTConfig`` of the small parents: digits (8x8, patch 2) or Fashion-MNIST (28x28, patch 7).
 
-    The heterogeneous experiment uses the defaults for the anchor and ``hidden=128, mlp=256`` for the partner.
+    No dropout; 1 channel; 10 labels; ``overrides`` go to ``ViTConfig``.
+
+    The heterogeneous experiment: defaults for the anchor, ``hidden=128, mlp=256`` for the partner.
     """
     from transformers import ViTConfig
 
     image, patch, channels = IMAGE_GEOMETRY[_ALIASES.get(dataset, dataset)]
     kw: dict[str, Any] = dict(image_size=image, patch_size=patch, num_channels=channels, hidden_size=hidden,
                               num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=mlp,
-                              num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                              num_labels=num_labels, hidden_dropout_prob=0.0,
+                              attention_probs_dropout_prob=0.0)
     kw.update(overrides)
     return ViTConfig(**kw)
 
@@ -73,8 +76,9 @@ def bert_mlm_config(vocab_size: int, *, hidden: int = 128, layers: int = 2, head
     from transformers import BertConfig
 
     kw: dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                              num_attention_heads=heads, intermediate_size=mlp, max_position_embeddings=max_positions,
-                              hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, pad_token_id=0)
+                              num_attention_heads=heads, intermediate_size=mlp,
+                              max_position_embeddings=max_positions, hidden_dropout_prob=dropout,
+                              attention_probs_dropout_prob=dropout, pad_token_id=0)
     kw.update(overrides)
     return BertConfig(**kw)
 
@@ -107,7 +111,8 @@ def _adamw(model: nn.Module, lr: float, wd: float) -> torch.optim.AdamW:
     """AdamW with no weight decay on biases, norms and 1-d parameters (position / cls embeddings decay)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}], lr=lr)
+    groups = [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -194,8 +199,8 @@ def train_classifier(model: nn.Module, split: Split, *, epochs: float, seed: int
     are appended to ``log`` if given. ``progress`` may be a string used as the progress bar's label.
     """
     steps = max(1, round(epochs * math.ceil(len(split.y_train) / batch)))
-    _fit(model, split, steps=steps, lr=lr, wd=wd, batch=batch, seed=seed, warmup=warmup, clip=clip, eval_at=(),
-         eval_parts=(), progress=progress, log=log)
+    _fit(model, split, steps=steps, lr=lr, wd=wd, batch=batch, seed=seed, warmup=warmup, clip=clip,
+         eval_at=(), eval_parts=(), progress=progress, log=log)
     return model
 
 
@@ -244,7 +249,7 @@ def train_mlm(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *
         try:
             batch = next(it)
         except StopIteration as e:
-            raise ValueError(f"batches ran out after {step - 1} of {steps} steps: use a repeating stream") from e
+            raise ValueError(f"batches ran out after {step - 1} of {steps} steps: too few batches") from e
         loss, _ = mlm_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -284,14 +289,15 @@ def evaluate_mlm_loss(model: nn.Module, batches: Iterable[Mapping[str, torch.Ten
 def _config_dict(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
     if cfg is None:
-        raise TypeError("cached_parent needs a Hugging Face PreTrainedModel (with .config and save_pretrained)")
+        raise TypeError("cached_parent needs a Hugging Face PreTrainedModel (.config, save_pretrained)")
     d = cfg.to_dict()
     for k in ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype"):
         d.pop(k, None)
     return d
 
 
-def parent_key(name: str, model: nn.Module, seed: int | None = None, extra: Mapping[str, Any] | None = None) -> str:
+def parent_key(name: str, model: nn.Module, seed: int | None = None,
+               extra: Mapping[str, Any] | None = None) -> str:
     """Cache folder name of a parent: its name and a hash of class, config, seed and ``extra``."""
     payload = json.dumps({"name": name, "class": type(model).__name__, "config": _config_dict(model),
                           "seed": seed, "extra": extra or {}}, sort_keys=True, default=str)
@@ -299,8 +305,9 @@ def parent_key(name: str, model: nn.Module, seed: int | None = None, extra: Mapp
     return f"{safe}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 
 
-def cached_parent(name: str, build_fn: Callable[[], nn.Module], train_fn: Callable[[nn.Module], nn.Module | None],
-                  cache_dir: str | Path | None = None, *, seed: int | None = None,
+def cached_parent(name: str, build_fn: Callable[[], nn.Module],
+                  train_fn: Callable[[nn.Module], nn.Module | None], cache_dir: str | Path | None = None, *,
+                  seed: int | None = None,
                   extra: Mapping[str, Any] | None = None) -> nn.Module:
     """Build, train once and cache a parent (``save_pretrained``, safetensors); reload it on later calls.
 
@@ -322,7 +329,7 @@ def cached_parent(name: str, build_fn: Callable[[], nn.Module], train_fn: Callab
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{path.name}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    trained.save_pretrained(tmp, safe_serialization=True)
+    trained.save_pretrained(tmp)  # safetensors
     meta = {"name": name, "seed": seed, "extra": dict(extra or {}), "train_seconds": round(seconds, 2),
             "class": type(trained).__name__}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import json
 import keyword
 import logging
@@ -21,6 +22,7 @@ import os
 import shutil
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -256,6 +258,16 @@ def _root_cause(e: BaseException) -> BaseException:
     return e
 
 
+def _user_frame(e: BaseException) -> str | None:
+    """``File "...", line N, in f | code`` of the innermost traceback frame outside torch and this module."""
+    skip = (os.sep + "torch" + os.sep, os.sep + "onnxscript" + os.sep, os.sep + "onnx_ir" + os.sep, __file__)
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not any(k in f.filename for k in skip)]
+    if not frames:
+        return None
+    f = frames[-1]
+    return f'File "{f.filename}", line {f.lineno}, in {f.name}' + (f" | {f.line.strip()}" if f.line else "")
+
+
 def _short_reason(e: BaseException) -> str:
     """The exporter's reason, short: the innermost exception's first line and the user code it names."""
     root = _root_cause(e)
@@ -264,6 +276,8 @@ def _short_reason(e: BaseException) -> str:
     marker = "The following call raised this error:"
     if marker in lines:  # torch.export names the offending user frame and code line here
         parts += lines[lines.index(marker) + 1: lines.index(marker) + 3]
+    elif frame := _user_frame(root):
+        parts.append(frame)
     stage = f"{type(e).__name__} <- " if root is not e else ""
     reason = f"{stage}{type(root).__name__}: {' | '.join(parts)}"
     return reason if len(reason) <= _MAX_REASON_CHARS else reason[: _MAX_REASON_CHARS - 3] + "..."
@@ -281,6 +295,16 @@ def _quiet_torch_logs(level: int = logging.ERROR) -> Iterator[None]:
     finally:
         for lg, lvl in saved:
             lg.setLevel(lvl)
+
+
+def _graph_axes(program: Any) -> dict[str, dict[int, str]]:
+    """The symbolic (dynamic) axes of each graph input of an ``ONNXProgram``."""
+    out: dict[str, dict[int, str]] = {}
+    for v in program.model.graph.inputs:
+        dims = list(v.shape) if v.shape is not None else []
+        out[str(v.name)] = {a: str(getattr(d, "value", d))
+                            for a, d in enumerate(dims) if not isinstance(d, int)}
+    return out
 
 
 def _weight_bytes(program: Any) -> int:
@@ -321,34 +345,43 @@ def export_onnx(model: nn.Module, args: tuple, path: str | Path, *, kwargs: dict
         raise ValueError(f"{model_class}: no tensor inputs to export")
     wrapper = _make_wrapper(model, slots, consts)
 
-    program, used, failures = None, None, []
+    program, requested, failures = None, None, []
+    captured = io.StringIO()  # torch.export prints partial graphs of failed attempts to stderr
     t0 = time.perf_counter()
-    with _eval_mode(model), warnings.catch_warnings(), _quiet_torch_logs():
+    with _eval_mode(model), warnings.catch_warnings(), _quiet_torch_logs(), \
+            contextlib.redirect_stderr(captured):
         warnings.simplefilter("ignore")  # the exporter warns a lot about internals; errors are what matter
         for spec in _dynamic_candidates(names, tensors, dynamic):
             try:
                 program = torch.onnx.export(
                     wrapper, tuple(tensors), dynamo=True, dynamic_shapes=_to_dynamic_shapes(spec),
                     input_names=names, output_names=["output"], opset_version=opset, verbose=False)
-                used = spec
+                requested = spec
                 break
             except Exception as e:  # any exporter failure means "try the next, simpler spec"
                 failures.append((_describe(spec), e))
                 log.info("ONNX export of %s with %s failed: %s", model_class, _describe(spec),
                          _short_reason(e))
     seconds = time.perf_counter() - t0
+    if captured.getvalue():
+        log.debug("exporter stderr:\n%s", captured.getvalue())
     if program is None:
         # The static attempt's reason is the fundamental one; dynamic-shape failures are side effects.
         raise OnnxExportError(model_class, _short_reason(failures[-1][1]), [d for d, _ in failures]) \
             from failures[-1][1]
 
+    # The exporter may quietly specialise axes it was asked to keep dynamic: record what the graph has.
+    used = _graph_axes(program)
+    notes = [f"{d}: {_short_reason(e)}" for d, e in failures]
+    if _describe(used) != _describe(requested):
+        notes.append(f"asked for {_describe(requested)}, the exporter specialised the rest")
     external = _weight_bytes(program) > EXTERNAL_DATA_BYTES
     meta = {
         "model_class": f"{type(model).__module__}.{model_class}",
         "inputs": json.dumps(names),
         "dynamic_axes": json.dumps({n: {str(a): d for a, d in axes.items()} for n, axes in used.items()}),
         "shapes": _describe(used),
-        "fallbacks": json.dumps([f"{d}: {_short_reason(e)}" for d, e in failures]),
+        "fallbacks": json.dumps(notes),
         "external_data": str(external).lower(),
         "export_seconds": f"{seconds:.2f}",
         "torch_version": torch.__version__,

@@ -37,8 +37,8 @@ class InferContext:
     buffer_axes: dict[str, Axes] = field(default_factory=dict)
     producers: list[tuple[int, str, int, str]] = field(default_factory=list)  # (space, param, axis, node)
     records: list[Record] = field(default_factory=list)
-    unknown_ops: dict[str, list[str]] = field(default_factory=dict)
-    fixing_ops: dict[str, list[str]] = field(default_factory=dict)
+    #: ops that froze spaces: (op, node, unknown to every pass?, spaces frozen)
+    frozen_by: list[tuple[str, str, bool, list[int]]] = field(default_factory=list)
     #: factor spaces split by select/unbind: factor root -> (parent space, copies per index)
     factor_splits: dict[int, tuple[int, list[dict[int, int]]]] = field(default_factory=dict)
 
@@ -82,12 +82,11 @@ class InferContext:
 
     def fix_node(self, node: fx.Node, reason: str, *, unknown: bool) -> None:
         """Make every space that this node reads or writes fixed (used for ops no pass understands)."""
-        table = self.unknown_ops if unknown else self.fixing_ops
-        table.setdefault(str(node.target), []).append(node.name)
-        for arg in _tensor_args(node):
-            for sid in self.axes_of(arg) or []:
-                self.spaces.fix(sid, reason)
+        touched = [sid for a in _tensor_args(node) for sid in self.axes_of(a) or []]
+        for sid in touched:
+            self.spaces.fix(sid, reason)
         self.set_axes(node, self.fresh_like(node.meta.get("val"), reason))
+        self.frozen_by.append((str(node.target), node.name, unknown, touched))
 
     def fresh_like(self, val, fixed: str | None = None):
         if isinstance(val, torch.Tensor):

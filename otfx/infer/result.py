@@ -61,8 +61,7 @@ class Inference:
     buffer_axes: dict[str, list[int]]
     producers: dict[int, list[tuple[str, int]]]
     records: list[Record]
-    unknown_ops: dict[str, list[str]]
-    fixing_ops: dict[str, list[str]]
+    frozen_by: list[tuple[str, str, bool, list[int]]]
     roles: dict[int, str] = field(default_factory=dict)
     flow_graph: nx.DiGraph = field(default_factory=nx.DiGraph)
 
@@ -75,7 +74,7 @@ class Inference:
             if (fqn, axis) not in producers[fine.find(space)]:
                 producers[fine.find(space)].append((fqn, axis))
         result = cls(traced, ctx.spaces, ctx.param_axes, ctx.buffer_axes, dict(producers), records,
-                     ctx.unknown_ops, ctx.fixing_ops)
+                     ctx.frozen_by)
         result.roles = result._roles()
         result.flow_graph = result._flow_graph()
         return result
@@ -191,9 +190,26 @@ class Inference:
         return g
 
     # ---- reporting -----------------------------------------------------------------------------------
-    def coverage(self) -> dict[str, list[str]]:
-        """Ops that no pass understands, with the graph nodes where they occur."""
-        return dict(self.unknown_ops)
+    def coverage(self) -> dict[str, dict]:
+        """Ops that no pass understands, and known ops that froze spaces acting on parameters.
+
+        ``{op: {"nodes": [...], "unknown": bool, "params": ["name axis k", ...]}}``; harmless mask bookkeeping
+        (known ops that touch no parameter space) is left out.
+        """
+        by_space: dict[int, list[str]] = defaultdict(list)
+        for fqn, axes in self.param_axes.items():
+            for axis, sid in enumerate(axes):
+                by_space[self.coarse(sid)].append(f"{fqn} axis {axis}")
+        report: dict[str, dict] = {}
+        for op, node, unknown, touched in self.frozen_by:
+            params = sorted({p for sid in touched for leaf in [sid, *self.leaves(sid)]
+                             for p in by_space.get(self.coarse(leaf), [])})
+            if not unknown and not params:
+                continue
+            entry = report.setdefault(op, {"nodes": [], "unknown": unknown, "params": []})
+            entry["nodes"].append(node)
+            entry["params"] = sorted(set(entry["params"]) | set(params))
+        return report
 
     def permutable_params(self) -> dict[str, list[bool]]:
         return {fqn: [any(not self.is_fixed(leaf) and self.size(leaf) > 1 for leaf in self.leaves(sid))

@@ -1,0 +1,168 @@
+"""The spine: tracing and transport-space inference, checked by symmetry properties on many architectures."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from conftest import assert_state_unchanged, state_copy
+from torch import nn
+
+import otfx
+from otfx import zoo
+from otfx.symmetry import permute_model, space_permutations
+from otfx.trace import main_output
+
+LAYERS, HIDDEN, HEADS, MLP = 2, 32, 4, 64
+HEAD_DIM = HIDDEN // HEADS
+STANDARD = {("residual", HIDDEN): 1, ("hidden", MLP): LAYERS, ("heads", HEADS): LAYERS,
+            ("head_dim_qk", HEAD_DIM): LAYERS, ("head_dim_v", HEAD_DIM): LAYERS}
+#: free spaces expected per architecture: (role, size) -> count
+EXPECTED = {name: STANDARD for name in zoo.ZOO}
+# Llama: rotary embeddings pin the query/key head dims; grouped-query attention splits the 4 query heads
+# into 2 kv heads x 2 queries per group, both free.
+EXPECTED["llama"] = {("residual", HIDDEN): 1, ("hidden", MLP): LAYERS, ("heads", 2): 2 * LAYERS,
+                     ("head_dim_v", HEAD_DIM): LAYERS}
+
+
+def outputs(model: nn.Module, inputs: tuple) -> torch.Tensor:
+    with torch.no_grad():
+        return main_output(model(*inputs))
+
+
+def fresh_inputs(name: str) -> tuple:
+    return zoo.inputs(name, batch=3, seq=11 if zoo.ZOO[name].varies_seq else 8, seed=123)
+
+
+def test_free_spaces_match_architecture(arch):
+    model, args = zoo.build(arch)
+    inference = otfx.analyse(model, args)
+    counts = Counter((inference.roles[s], inference.size(s)) for s in inference.free_spaces())
+    assert dict(counts) == EXPECTED[arch], inference.summary()
+    assert inference.coverage() == {}
+
+
+def test_random_symmetry_preserves_function(arch):
+    model, args = zoo.build(arch)
+    before = state_copy(model)
+    traced = otfx.trace(model, args)
+    inference = otfx.analyse(traced)
+    perms = space_permutations(inference, seed=7)
+    permuted = permute_model(inference, perms)
+    # every free space is really permuted
+    for sid in inference.free_spaces():
+        assert not torch.equal(perms[inference.coarse(sid)], torch.arange(inference.size(sid))), sid
+    x = fresh_inputs(arch)
+    torch.testing.assert_close(outputs(permuted, x), outputs(model, x), atol=1e-5, rtol=0)
+    # and the parameters did change
+    changed = [k for k, v in permuted.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
+    assert len(changed) > 5
+    assert_state_unchanged(model, before)
+
+
+def test_public_random_symmetry(arch):
+    model, args = zoo.build(arch, seed=3)
+    before = state_copy(model)
+    permuted = otfx.random_symmetry(otfx.trace(model, args), seed=11)
+    x = fresh_inputs(arch)
+    torch.testing.assert_close(outputs(permuted, x), outputs(model, x), atol=1e-5, rtol=0)
+    assert_state_unchanged(model, before)
+
+
+def test_negative_control_changes_function(arch):
+    """Permuting the rows of one layer only (not its consumers) must change the outputs."""
+    model, args = zoo.build(arch)
+    inference = otfx.analyse(model, args)
+    perms = space_permutations(inference, seed=5)
+    hidden = next(s for s in inference.free_spaces() if inference.roles[s] == "hidden")
+    fqn, _axis = inference.space_params()[hidden][0]
+    broken = permute_model(inference, perms, only={fqn})
+    x = fresh_inputs(arch)
+    assert (outputs(broken, x) - outputs(model, x)).abs().max() > 1e-3
+
+
+def test_tied_weights_stay_tied():
+    model, args = zoo.build("bert")
+    traced = otfx.trace(model, args)
+    assert ["bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"] in traced.tied
+    permuted = otfx.random_symmetry(traced, seed=2)
+    emb = permuted.bert.embeddings.word_embeddings.weight
+    dec = permuted.cls.predictions.decoder.weight
+    assert emb.data_ptr() == dec.data_ptr()
+    assert not torch.equal(emb, model.bert.embeddings.word_embeddings.weight)
+
+
+def test_trace_keeps_training_flag_and_weights():
+    model, args = zoo.build("hf_vit")
+    model.train()
+    before = state_copy(model)
+    otfx.trace(model, args)
+    assert model.training
+    assert_state_unchanged(model, before)
+
+
+@torch.library.custom_op("otfx_test::row_scale", mutates_args=())
+def row_scale(x: torch.Tensor) -> torch.Tensor:
+    """An op no pass knows: scales each feature by its position (so it is not permutation-equivariant)."""
+    return x * torch.arange(1, x.shape[-1] + 1, dtype=x.dtype)
+
+
+@row_scale.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _Cumulative(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.cumsum(x, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.flip(-1).cumsum(-1).flip(-1)
+
+
+class _Opaque(nn.Module):
+    def __init__(self, custom: str):
+        super().__init__()
+        self.custom = custom
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 12)
+        self.c, self.d = nn.Linear(12, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.b(torch.relu(self.a(x)))
+        h = row_scale(h) if self.custom == "custom_op" else _Cumulative.apply(h)
+        return self.d(torch.relu(self.c(h)))
+
+
+@pytest.mark.parametrize("custom, op", [("custom_op", "otfx_test.row_scale.default"),
+                                        ("autograd_function", "aten.cumsum.default")])
+def test_unknown_op_is_reported_and_freezes(custom, op):
+    torch.manual_seed(0)
+    model = _Opaque(custom)
+    inference = otfx.analyse(model, (torch.randn(2, 8),))
+    report = inference.coverage()
+    assert op in report, report
+    assert "b.weight axis 0" in report[op]["params"]
+    assert report[op]["unknown"] == (custom == "custom_op")
+    roles = Counter(inference.size(s) for s in inference.free_spaces())
+    assert roles == Counter({16: 1, 6: 1})  # a's rows and c's rows stay free; b's rows are frozen
+    permuted = otfx.random_symmetry(otfx.trace(model, (torch.randn(2, 8),)), seed=1)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(outputs(permuted, (x,)), outputs(model, (x,)), atol=1e-6, rtol=0)
+
+
+def test_trace_error_gives_advice():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if self.lin(x).sum() > 0:
+                return x
+            return -x
+
+    with pytest.raises(otfx.TraceError, match="use_cache=False"):
+        otfx.trace(Branchy(), (torch.randn(2, 4),))
