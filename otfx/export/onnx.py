@@ -454,9 +454,15 @@ def _session(path: Path, providers: list[str]) -> Any:
     so.log_severity_level = 3
     if torch.get_num_threads() == 1:
         so.intra_op_num_threads = 1
-    # A check wants fp32 numbers: keep ORT's CUDA matmuls off TF32.
+    # A check wants fp32 numbers: keep ORT's CUDA matmuls off TF32 (if this build knows the option).
     opts = [{"use_tf32": "0"} if p == "CUDAExecutionProvider" else {} for p in providers]
-    sess = ort.InferenceSession(str(path), so, providers=providers, provider_options=opts)
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=providers, provider_options=opts)
+    except Exception as e:
+        if not any(opts):
+            raise
+        log.warning("onnxruntime rejected provider options %s (%s); retrying without them", opts, e)
+        sess = ort.InferenceSession(str(path), so, providers=providers)
     got = sess.get_providers()
     if not got or got[0] != providers[0]:
         raise RuntimeError(f"onnxruntime created a session on {got} although {providers[0]} was asked for "
