@@ -25,6 +25,7 @@ def _layer(ctx: InferContext, node: fx.Node, x: fx.Node, weight: fx.Node, in_axi
         ctx.fix_node(node, f"unsupported arguments to {node.target}", unknown=True)
         return
     ctx.link(x_axes[-1], w_axes[in_axis])
+    ctx.consume(weight, in_axis)
     out = ctx.spaces.new(ctx.shape(node)[-1])
     ctx.link(w_axes[out_axis], out)
     ctx.produce(out, weight, out_axis, node)
@@ -91,6 +92,7 @@ def conv(ctx: InferContext, node: fx.Node) -> None:
         ctx.fix_node(node, "grouped convolution", unknown=True)
         return
     ctx.link(x_axes[1], w_axes[1])
+    ctx.consume(weight, 1)
     for kernel_axis in w_axes[2:]:
         ctx.spaces.fix(kernel_axis, "convolution kernel position")
     shape = ctx.shape(node)

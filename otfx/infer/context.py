@@ -33,9 +33,14 @@ class InferContext:
     param_view: dict[fx.Node, tuple[str, list[int | None]]] = field(default_factory=dict)
     #: nodes whose value depends on the model's inputs (the rest depend on parameters and buffers only)
     dynamic: set[fx.Node] = field(default_factory=set)
+    #: parameters already read by an op, and those whose axes are a tied copy during the current op
+    used_params: set[fx.Node] = field(default_factory=set)
+    secondary: set[fx.Node] = field(default_factory=set)
     param_axes: dict[str, Axes] = field(default_factory=dict)
     buffer_axes: dict[str, Axes] = field(default_factory=dict)
     producers: list[tuple[int, str, int, str]] = field(default_factory=list)  # (space, param, axis, node)
+    #: parameter axes contracted with an activation (a layer's input side)
+    consumed: set[tuple[str, int]] = field(default_factory=set)
     records: list[Record] = field(default_factory=list)
     #: ops that froze spaces: (op, node, unknown to every pass?, spaces frozen)
     frozen_by: list[tuple[str, str, bool, list[int]]] = field(default_factory=list)
@@ -76,6 +81,20 @@ class InferContext:
         if view is not None and view[1][axis] is not None:
             self.producers.append((space, view[0], view[1][axis], node.name))
         self.records.append(Record("layer", node.name, [], space, {"weight": view[0] if view else None}))
+
+    def consume(self, weight: fx.Node, axis: int) -> None:
+        """Record that ``weight``'s ``axis`` is contracted with an input activation."""
+        view = self.param_view.get(weight)
+        if view is not None and view[1][axis] is not None and not self._is_secondary(weight):
+            self.consumed.add((view[0], view[1][axis]))
+
+    def _is_secondary(self, node: fx.Node) -> bool:
+        """Whether ``node`` reads a parameter through the tied copy of a later use."""
+        while node is not None and node not in self.secondary:
+            if node.op == "placeholder" or not node.args or not isinstance(node.args[0], fx.Node):
+                return False
+            node = node.args[0]
+        return node is not None
 
     def record(self, kind: str, node: fx.Node, inputs: list[int], output: int | None = None, **info) -> None:
         self.records.append(Record(kind, node.name, inputs, output, info))

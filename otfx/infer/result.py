@@ -62,6 +62,9 @@ class Inference:
     producers: dict[int, list[tuple[str, int]]]
     records: list[Record]
     frozen_by: list[tuple[str, str, bool, list[int]]]
+    consumed: set[tuple[str, int]] = field(default_factory=set)
+    producer_list: list[tuple[int, str, int, str]] = field(default_factory=list)
+    node_axes: dict[str, list[int]] = field(default_factory=dict)
     roles: dict[int, str] = field(default_factory=dict)
     flow_graph: nx.DiGraph = field(default_factory=nx.DiGraph)
 
@@ -75,6 +78,10 @@ class Inference:
                 producers[fine.find(space)].append((fqn, axis))
         result = cls(traced, ctx.spaces, ctx.param_axes, ctx.buffer_axes, dict(producers), records,
                      ctx.frozen_by)
+        result.consumed = set(ctx.consumed)
+        result.producer_list = list(ctx.producers)
+        result.node_axes = {n.name: ax for n, ax in ctx.axes.items()
+                            if isinstance(ax, list) and all(isinstance(a, int) for a in ax)}
         result.roles = result._roles()
         result.flow_graph = result._flow_graph()
         return result

@@ -2,8 +2,8 @@
 structure, kept at two granularities.
 
 * ``coarse``: every function-preserving equality. Its classes are the model's permutation symmetries.
-* ``fine``: the same, except that residual adds, concatenations, attention's query-key contraction, heads
-  shared across q/k/v and tied weights only *link* spaces instead of merging them. Its classes are the nodes
+* ``fine``: the same, except that residual adds, concatenations, attention's query-key contraction and tied
+  weights only *link* spaces instead of merging them. Its classes are the nodes
   that carry one transport map each in the paper's TM flow graph.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 #: link kinds that merge spaces in the coarse partition only
-SOFT_KINDS = frozenset({"residual", "concat", "contract", "heads", "tied"})
+SOFT_KINDS = frozenset({"residual", "concat", "contract", "tied"})
 
 
 @dataclass
@@ -169,6 +169,8 @@ class Spaces:
     #: groups of spaces that are fixed together (the parts of a sliced axis: a position table is sliced to
     #: the traced length, and the rest is used at other lengths)
     together: list[list[int]] = field(default_factory=list)
+    #: the links that merged coarse classes only: (a, b, kind)
+    soft_links: list[tuple[int, int, str]] = field(default_factory=list)
 
     def new(self, size: int, fixed: str | None = None) -> int:
         sid = self.coarse.add(size)
@@ -190,7 +192,9 @@ class Spaces:
     def link(self, a: int, b: int, kind: str = "exact") -> None:
         """Declare two axes the same space (``exact``) or coupled through a flow-graph node (soft kinds)."""
         self.coarse.union(a, b)
-        if kind not in SOFT_KINDS:
+        if kind in SOFT_KINDS:
+            self.soft_links.append((a, b, kind))
+        else:
             self.fine.union(a, b)
 
     def same_fine(self, a: int, b: int) -> bool:
@@ -231,3 +235,15 @@ class Spaces:
                 if self.coarse.is_fixed(sid) and not self.fine.is_fixed(sid):
                     self.fine.fix(sid, "coupled to a fixed space")
                     changed = True
+
+
+def merged(spaces: Spaces, kinds: set[str]) -> Partition:
+    """A copy of the fine partition with the soft links of ``kinds`` merged (e.g. one map per residual stream)."""
+    import copy
+
+    part = copy.deepcopy(spaces.fine)
+    for a, b, kind in spaces.soft_links:
+        if kind in kinds:
+            part.union(a, b)
+    part.close()
+    return part

@@ -39,11 +39,36 @@ def _fix_output(ctx: InferContext, node: fx.Node) -> None:
 
 
 def _tie(ctx: InferContext, traced: Traced) -> None:
+    """Tied parameters are one tensor: drop names the graph never reads, link the axes of the rest."""
+    unused = {traced.placeholder_to_param[n.name] for n in traced.graph.nodes
+              if n.op == "placeholder" and n.name in traced.placeholder_to_param and not n.users}
     for group in traced.tied:
-        present = [name for name in group if name in ctx.param_axes]
+        present = [name for name in group if name in ctx.param_axes and name not in unused]
+        for name in group:
+            if name in unused and present:
+                ctx.param_axes.pop(name, None)
         for other in present[1:]:
             for a, b in zip(ctx.param_axes[present[0]], ctx.param_axes[other]):
                 ctx.link(a, b, "tied")
+
+
+def _separate_reuse(ctx: InferContext, node: fx.Node) -> dict[fx.Node, list[int]]:
+    """A parameter read by several ops (an embedding matrix reused as the output projection) gets its own
+    axes at each later use, tied to the first use, so that one use's map does not feed on the other's."""
+    swapped = {}
+    for a in _tensor_args(node):
+        if a.op != "placeholder" or a not in ctx.param_view or a in swapped:
+            continue
+        if a in ctx.used_params:
+            original = ctx.axes[a]
+            copies = ctx.fresh([ctx.spaces.size(s) for s in original])
+            for s, c in zip(original, copies):
+                ctx.link(s, c, "tied")
+            swapped[a] = original
+            ctx.axes[a] = copies
+            ctx.secondary.add(a)
+        ctx.used_params.add(a)
+    return swapped
 
 
 def infer(traced: Traced) -> Inference:
@@ -63,6 +88,7 @@ def infer(traced: Traced) -> Inference:
             ctx.dynamic.add(node)
         handler = lookup(node.target)
         val = node.meta.get("val")
+        swapped = _separate_reuse(ctx, node)
         if handler is None:
             if isinstance(val, torch.Tensor) or isinstance(val, (tuple, list)):
                 ctx.fix_node(node, f"no pass understands {node.target}", unknown=True)
@@ -70,6 +96,9 @@ def infer(traced: Traced) -> Inference:
                 ctx.set_axes(node, None)
             continue
         handler(ctx, node)
+        for param_node, axes in swapped.items():
+            ctx.axes[param_node] = axes
+        ctx.secondary.clear()
     _tie(ctx, traced)
     ctx.spaces.close()
     return Inference.build(traced, ctx)

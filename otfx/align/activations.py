@@ -1,0 +1,90 @@
+"""Activations of chosen graph nodes, collected in one batched pass over the data, with sequence filters."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx
+
+from otfx.align.config import FusionError, token_filter
+from otfx.trace import Traced
+
+
+def batches_like(traced: Traced, data) -> list[tuple]:
+    """Re-cut user batches into batches of the traced shape (the exported graph has static shapes).
+
+    Returns (inputs, number of real rows) pairs; the last batch is padded by repeating rows.
+    """
+    args = traced.args
+    chunks = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in data]
+    if not chunks:
+        raise FusionError("data is empty: give at least one batch of inputs")
+    for i, chunk in enumerate(chunks):
+        if len(chunk) != len(args):
+            raise FusionError(f"data batch {i} has {len(chunk)} inputs, the model was traced with {len(args)}")
+        for j, (x, a) in enumerate(zip(chunk, args)):
+            if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != tuple(a.shape[1:]):
+                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise FusionError(f"data batch {i} input {j} has shape {shape}; the traced input is "
+                                  f"{tuple(a.shape)}: only the batch size may differ")
+    joined = [torch.cat([c[j] for c in chunks]) for j in range(len(args))]
+    total, step = joined[0].shape[0], args[0].shape[0]
+    out = []
+    for start in range(0, total, step):
+        index = torch.arange(start, start + step).clamp(max=total - 1)
+        out.append((tuple(x[index] for x in joined), min(step, total - start)))
+    return out
+
+
+def _sequence_filter(x: torch.Tensor, tokens) -> torch.Tensor:
+    """Keep the tokens of a [batch, seq, ...] activation that the filter selects."""
+    kind, n = token_filter(tokens)
+    if kind == "all" or x.ndim < 3:
+        return x
+    seq = x.shape[1]
+    if kind == "cls":
+        return x[:, :1]
+    side = math.isqrt(seq - 1)
+    has_cls = side * side == seq - 1
+    if not has_cls:
+        side = math.isqrt(seq)
+        if side * side != seq:
+            raise FusionError(f"tokens=('window', {n}) needs a square patch grid (+ class token); got {seq} tokens")
+    n = min(n, side)
+    lo = (side - n) // 2
+    grid = torch.arange(side * side).reshape(side, side)[lo:lo + n, lo:lo + n].reshape(-1)
+    keep = torch.cat([torch.tensor([0]), grid + 1]) if has_cls else grid
+    return x[:, keep]
+
+
+def collect(traced: Traced, data, wanted: dict[str, int], tokens="all") -> dict[str, torch.Tensor]:
+    """Run the traced graph over ``data`` once and return, per node name, a [rows, width] matrix of its
+    activations along axis ``wanted[name]`` (rows are samples x kept tokens)."""
+    gm = traced.program.module()
+    graph = copy.deepcopy(gm.graph)
+    nodes = {n.name: n for n in graph.nodes}
+    missing = [name for name in wanted if name not in nodes]
+    if missing:
+        raise FusionError(f"{traced.name}: graph nodes {missing[:3]} not found for activation collection")
+    output = next(n for n in graph.nodes if n.op == "output")
+    names = list(wanted)
+    output.args = (tuple(nodes[name] for name in names),)
+    graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs instead of the pytree-wrapped signature
+    probe = fx.GraphModule(gm, graph)
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    with torch.no_grad():
+        for inputs, real in batches_like(traced, data):
+            flat, _ = pytree.tree_flatten((inputs, traced.kwargs))
+            values = probe(*flat)
+            for name, value in zip(names, values):
+                x = value[:real].detach().double()
+                axis = wanted[name]
+                if axis != x.ndim - 1:
+                    x = x.movedim(axis, -1)
+                if axis != 1:
+                    x = _sequence_filter(x, tokens)
+                rows[name].append(x.reshape(-1, x.shape[-1]))
+    return {name: torch.cat(parts) for name, parts in rows.items()}

@@ -1,0 +1,83 @@
+"""The one configuration object of a fusion, with validation that names what is wrong."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+COSTS = ("weights", "activations")
+RESIDUAL = ("mean", "weighted_scalar", "weighted_matrix", "shared")
+HEADS = ("cross", "aware")
+QK = ("untied", "tied")
+
+
+class FusionError(ValueError):
+    """A fusion cannot be done as asked; the message names the model, option or layer at fault."""
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """How transport maps are computed and combined (see ``otfx.fuse``)."""
+
+    cost: str = "weights"
+    solver: str = "sinkhorn"
+    reg: float = 0.06
+    residual: str = "mean"
+    heads: str = "cross"
+    qk: str = "untied"
+    tokens: str | tuple = "all"
+    weights: tuple[float, ...] | None = None
+    max_iter: int = 1000
+
+    def validate(self, n_models: int, has_data: bool) -> None:
+        from otfx.align.solvers import SOLVERS
+
+        for name, value, allowed in (("cost", self.cost, COSTS), ("residual", self.residual, RESIDUAL),
+                                     ("heads", self.heads, HEADS), ("qk", self.qk, QK)):
+            if value not in allowed:
+                raise FusionError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+        if self.solver not in SOLVERS:
+            raise FusionError(f"solver={self.solver!r} is not one of {', '.join(sorted(SOLVERS))}")
+        if not self.reg > 0:
+            raise FusionError(f"reg must be positive, got {self.reg}")
+        if n_models < 2:
+            raise FusionError(f"fusion needs at least two models, got {n_models}")
+        needs_data = self.cost == "activations" or self.residual.startswith("weighted")
+        if needs_data and not has_data:
+            what = "cost='activations'" if self.cost == "activations" else f"residual={self.residual!r}"
+            raise FusionError(f"{what} needs data: pass data=[batch, ...] with inputs shaped like the example args")
+        if self.weights is not None:
+            if len(self.weights) != n_models:
+                raise FusionError(f"weights has {len(self.weights)} entries for {n_models} models")
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise FusionError(f"weights must be non-negative with a positive sum, got {self.weights}")
+        token_filter(self.tokens)
+
+    def model_weights(self, n_models: int) -> list[float]:
+        weights = self.weights or tuple([1.0] * n_models)
+        total = float(sum(weights))
+        return [w / total for w in weights]
+
+    def merged_kinds(self) -> set[str]:
+        """Soft links of the flow graph that become one transport map under this configuration."""
+        kinds = {"tied"}  # one tensor, one map
+        if self.residual == "shared":
+            kinds |= {"residual", "concat"}
+        if self.qk == "tied":
+            kinds.add("contract")
+        return kinds
+
+
+def token_filter(tokens) -> tuple[str, int]:
+    """Parse ``tokens``: "all", "cls", ("window", n) or "window:n"."""
+    if tokens in ("all", "cls"):
+        return tokens, 0
+    if isinstance(tokens, str) and tokens.startswith("window:"):
+        tokens = ("window", tokens.split(":", 1)[1])
+    if isinstance(tokens, (tuple, list)) and len(tokens) == 2 and tokens[0] == "window":
+        try:
+            n = int(tokens[1])
+        except ValueError:
+            n = 0
+        if n > 0:
+            return "window", n
+    raise FusionError(f"tokens={tokens!r}: use 'all', 'cls' or ('window', n) with n > 0")
