@@ -47,13 +47,13 @@ def _check_inputs(inferences: list[Inference]) -> None:
 
 def _activations(anchor: Inference, other: Inference, maps: TransportMaps, data) -> None:
     """Collect, in one batched pass per model, the activations that the maps will read."""
-    wanted: dict[str, int] = {}
+    wanted: list[tuple[str, tuple[int, ...]]] = []
     for root in list(maps.producers) + [maps.root(s) for r in maps.combines.values() for s in r.inputs]:
         layer_nodes = [r.node for r in anchor.records if r.kind == "layer" and r.output is not None
                        and maps.root(r.output) == root]
         node = maps.activation_node(root, layer_nodes)
         if node is not None:
-            wanted[node[0]] = node[1]
+            wanted.append(node)
     maps.acts_anchor = collect(anchor.traced, data, wanted, maps.config.tokens)
     maps.acts_other = collect(other.traced, data, wanted, maps.config.tokens)
 

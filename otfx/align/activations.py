@@ -60,31 +60,33 @@ def _sequence_filter(x: torch.Tensor, tokens) -> torch.Tensor:
     return x[:, keep]
 
 
-def collect(traced: Traced, data, wanted: dict[str, int], tokens="all") -> dict[str, torch.Tensor]:
-    """Run the traced graph over ``data`` once and return, per node name, a [rows, width] matrix of its
-    activations along axis ``wanted[name]`` (rows are samples x kept tokens)."""
+def collect(traced: Traced, data, wanted: list[tuple[str, tuple[int, ...]]], tokens="all"
+            ) -> dict[tuple[str, tuple[int, ...]], torch.Tensor]:
+    """Run the traced graph over ``data`` once and return, per (node name, axes), a [rows, width] matrix of
+    the node's activations over those axes (flattened in order; rows are samples x kept tokens)."""
     gm = traced.program.module()
     graph = copy.deepcopy(gm.graph)
     nodes = {n.name: n for n in graph.nodes}
-    missing = [name for name in wanted if name not in nodes]
+    wanted = list(dict.fromkeys(wanted))
+    missing = [name for name, _ in wanted if name not in nodes]
     if missing:
         raise FusionError(f"{traced.name}: graph nodes {missing[:3]} not found for activation collection")
     output = next(n for n in graph.nodes if n.op == "output")
-    names = list(wanted)
-    output.args = (tuple(nodes[name] for name in names),)
+    output.args = (tuple(nodes[name] for name, _ in wanted),)
     graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs instead of the pytree-wrapped signature
     probe = fx.GraphModule(gm, graph)
-    rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    rows: dict[tuple, list[torch.Tensor]] = {key: [] for key in wanted}
     with torch.no_grad():
         for inputs, real in batches_like(traced, data):
             flat, _ = pytree.tree_flatten((inputs, traced.kwargs))
             values = probe(*flat)
-            for name, value in zip(names, values):
+            for key, value in zip(wanted, values):
                 x = value[:real].detach().double()
-                axis = wanted[name]
-                if axis != x.ndim - 1:
-                    x = x.movedim(axis, -1)
-                if axis != 1:
-                    x = _sequence_filter(x, tokens)
-                rows[name].append(x.reshape(-1, x.shape[-1]))
-    return {name: torch.cat(parts) for name, parts in rows.items()}
+                axes = key[1]
+                rest = [d for d in range(x.ndim) if d not in axes]
+                width = math.prod(x.shape[d] for d in axes)
+                x = x.permute(*rest, *axes).reshape(*[x.shape[d] for d in rest], width)
+                if len(rest) == 2 and 1 not in axes:
+                    x = _sequence_filter(x, tokens)  # [batch, seq, width]
+                rows[key].append(x.reshape(-1, width))
+    return {key: torch.cat(parts) for key, parts in rows.items()}

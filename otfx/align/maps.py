@@ -136,15 +136,25 @@ class TransportMaps:
                     table[f].append(root)
         return table
 
-    def _act_nodes(self) -> dict[int, list[tuple[str, int]]]:
-        """Graph nodes (name, axis) whose output carries each class."""
-        table: dict[int, list[tuple[str, int]]] = defaultdict(list)
+    def _act_nodes(self) -> dict[int, list[tuple[str, tuple[int, ...]]]]:
+        """Graph nodes (name, axes) whose output carries each class: one axis, or one per factor in order
+        (queries as [batch, heads, seq, head_dim] carry heads x head_dim)."""
+        table: dict[int, list[tuple[str, tuple[int, ...]]]] = defaultdict(list)
         for name, axes in self.anchor.node_axes.items():
-            for axis, sid in enumerate(axes):
-                table[self.root(sid)].append((name, axis))
+            roots = [self.root(s) for s in axes]
+            for axis, root in enumerate(roots):
+                table[root].append((name, (axis,)))
+        for root in list(self.producers):
+            factors = self.flat_factors(root)
+            if len(factors) < 2:
+                continue
+            for name, axes in self.anchor.node_axes.items():
+                roots = [self.root(s) for s in axes]
+                if all(f in roots for f in factors):
+                    table[root].append((name, tuple(roots.index(f) for f in factors)))
         return dict(table)
 
-    def activation_node(self, root: int, layer_nodes: list[str] | None = None) -> tuple[str, int] | None:
+    def activation_node(self, root: int, layer_nodes: list[str] | None = None) -> tuple[str, tuple[int, ...]] | None:
         """The node whose activations stand for a class: the producing layer's output where there is one,
         else the first [batch, seq, width] tensor that carries it."""
         candidates = self.act_nodes.get(root, [])
@@ -152,7 +162,7 @@ class TransportMaps:
             if layer_nodes and n in layer_nodes:
                 return n, a
         for n, a in candidates:
-            if len(self.anchor.node_axes[n]) == 3 and a == 2:
+            if len(self.anchor.node_axes[n]) == 3 and a == (2,):
                 return n, a
         return candidates[0] if candidates else None
 
@@ -179,8 +189,8 @@ class TransportMaps:
                                   f"anchor ({self.describe(root)}); only free spaces may differ in width")
             return identity_plan(n_a)
         structure = self.part.structure.get(root)
-        if structure and structure[0] == "sum":
-            return torch.block_diag(*[self.map(c) for c in structure[1]])
+        if structure and structure[0] == "sum":  # block-diagonal, each block with its share of the mass
+            return torch.block_diag(*[self.map(c) * (self.width(c)[0] / n_a) for c in structure[1]])
         if self.producers.get(root):
             if structure and structure[0] == "prod" and self.config.heads == "aware":
                 return self._aware(root)
@@ -216,9 +226,9 @@ class TransportMaps:
         magnitudes = []
         for s in inputs:
             node = self.activation_node(self.root(s))
-            if node is None or node[0] not in self.acts_anchor:
+            if node is None or node not in self.acts_anchor:
                 return sum(plans) / len(plans)
-            magnitudes.append(self.acts_anchor[node[0]].abs().mean(0))
+            magnitudes.append(self.acts_anchor[node].abs().mean(0))
         mags = torch.stack(magnitudes)  # inputs x width
         if policy == "weighted_scalar":
             w = mags.mean(1) / mags.mean(1).sum()
@@ -262,10 +272,10 @@ class TransportMaps:
         layer_nodes = [r.node for r in self.anchor.records if r.kind == "layer" and r.output is not None
                        and self.root(r.output) == root]
         node = self.activation_node(root, layer_nodes)
-        if node is None or node[0] not in self.acts_anchor:
+        if node is None or node not in self.acts_anchor:
             raise FusionError(f"no activations were collected for {self.describe(root)}")
-        a = _standardise(self.acts_anchor[node[0]])
-        b = _standardise(self.acts_other[node[0]])
+        a = _standardise(self.acts_anchor[node])
+        b = _standardise(self.acts_other[node])
         return a.T, b.T, [node[0]]
 
     def _solve(self, root: int) -> torch.Tensor:

@@ -1,0 +1,203 @@
+"""Fusion: properties that must hold on every architecture, heterogeneous widths, N models and bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import assert_state_unchanged, state_copy
+
+import otfx
+from otfx import zoo
+from otfx.align.config import FusionConfig
+from otfx.align.rewrite import aligned_params
+from otfx.fuse import compute_maps
+from otfx.trace import main_output
+
+
+def outputs(model, inputs):
+    with torch.no_grad():
+        return main_output(model(*inputs))
+
+
+def fresh_inputs(name: str, seed: int = 123) -> tuple:
+    return zoo.inputs(name, batch=3, seq=11 if zoo.ZOO[name].varies_seq else 8, seed=seed)
+
+
+def data_batches(name: str, n: int = 3) -> list[tuple]:
+    return [zoo.inputs(name, batch=2, seq=8, seed=100 + i) for i in range(n)]
+
+
+def assert_same_model(fused, model, name: str, param_atol: float | None) -> None:
+    x = fresh_inputs(name)
+    torch.testing.assert_close(outputs(fused, x), outputs(model, x), atol=1e-4, rtol=0)
+    if param_atol is not None:
+        for (k, p), q in zip(fused.named_parameters(), model.parameters()):
+            torch.testing.assert_close(p, q, atol=param_atol, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("residual", ["mean", "shared"])
+def test_fusing_a_permuted_copy_gives_the_model_back(arch, residual):
+    model, args = zoo.build(arch)
+    before = state_copy(model)
+    traced = otfx.trace(model, args)
+    permuted = otfx.trace(otfx.random_symmetry(traced, seed=3), args)
+    fused = otfx.fuse(traced, permuted, solver="emd", residual=residual)
+    assert_same_model(fused, model, arch, param_atol=1e-5)
+    assert type(fused) is type(model)
+    assert_state_unchanged(model, before)
+
+
+def test_fusing_a_permuted_copy_by_activations(arch):
+    model, args = zoo.build(arch)
+    traced = otfx.trace(model, args)
+    permuted = otfx.trace(otfx.random_symmetry(traced, seed=4), args)
+    fused = otfx.fuse(traced, permuted, cost="activations", solver="emd", data=data_batches(arch),
+                      heads="aware", qk="tied")
+    assert_same_model(fused, model, arch, param_atol=None)
+
+
+@pytest.mark.parametrize("solver", ["emd", "sinkhorn"])
+@pytest.mark.parametrize("residual", ["mean", "weighted_scalar", "weighted_matrix", "shared"])
+def test_fusing_a_model_with_itself_gives_it_back(solver, residual):
+    for arch in ("hf_vit", "gpt2"):
+        model, args = zoo.build(arch)
+        traced = otfx.trace(model, args)
+        data = data_batches(arch) if residual.startswith("weighted") else None
+        fused = otfx.fuse(traced, traced, solver=solver, residual=residual, data=data)
+        # Sinkhorn's plan between identical rows is soft, so only EMD reproduces every parameter exactly
+        if solver == "emd":
+            assert_same_model(fused, model, arch, param_atol=1e-5)
+        else:
+            assert torch.isfinite(outputs(fused, fresh_inputs(arch))).all()
+
+
+@pytest.mark.parametrize("arch_name", ["bert", "hf_vit", "gpt2", "timm_vit", "vit_pytorch", "matmul_encoder"])
+def test_align_keeps_the_function_of_an_independent_model(arch_name):
+    a, args = zoo.build(arch_name, seed=0)
+    b, _ = zoo.build(arch_name, seed=9)
+    before = state_copy(b)
+    aligned = otfx.align(otfx.trace(b, args), to=otfx.trace(a, args), solver="emd", residual="shared")
+    x = fresh_inputs(arch_name)
+    torch.testing.assert_close(outputs(aligned, x), outputs(b, x), atol=1e-4, rtol=0)
+    assert not torch.allclose(outputs(aligned, x), outputs(a, x), atol=1e-2)
+    assert_state_unchanged(b, before)
+
+
+@pytest.mark.parametrize("arch_name", ["hf_vit", "bert", "gpt2", "timm_vit", "llama"])
+@pytest.mark.parametrize("heads", ["cross", "aware"])
+def test_heterogeneous_fusion_takes_the_anchor_shapes(arch_name, heads):
+    anchor, args = zoo.build(arch_name)
+    wide, _ = zoo.build(arch_name, seed=4, hidden=64, mlp=128)
+    ta, tb = otfx.trace(anchor, args), otfx.trace(wide, args)
+    fused = otfx.fuse(ta, tb, solver="sinkhorn", reg=0.05, heads=heads)
+    for (name, p), q in zip(fused.named_parameters(), anchor.parameters()):
+        assert p.shape == q.shape, name
+    assert torch.isfinite(outputs(fused, fresh_inputs(arch_name))).all()
+    maps = compute_maps(otfx.analyse(ta), otfx.analyse(tb), FusionConfig(solver="sinkhorn", reg=0.05, heads=heads))
+    aligned_params(maps)
+    assert any(t.shape[0] == 2 * t.shape[1] for t in maps.maps.values())
+    for plan in maps.maps.values():
+        n_b, n_a = plan.shape
+        # uniform marginals, to the solver's tolerance (within 0.1%)
+        torch.testing.assert_close(plan.sum(1) * n_b, torch.ones(n_b, dtype=plan.dtype), atol=1e-3, rtol=0)
+        torch.testing.assert_close(plan.sum(0) * n_a, torch.ones(n_a, dtype=plan.dtype), atol=1e-3, rtol=0)
+
+
+def test_three_model_fusion_honours_weights():
+    """B and C are permuted copies of A whose norm biases are scaled by 2 and 3 (norm biases take no part in
+    the cost, so the maps are still the permutations): the fused biases are (w0 + 2 w1 + 3 w2) x A's."""
+    model, args = zoo.build("hf_vit")
+    traced = otfx.trace(model, args)
+    scaled = []
+    for factor in (2.0, 3.0):
+        copy = otfx.random_symmetry(traced, seed=int(factor))
+        with torch.no_grad():
+            for name, p in copy.named_parameters():
+                if "layernorm" in name and name.endswith("bias"):
+                    p.mul_(factor)
+        scaled.append(otfx.trace(copy, args))
+    weights = [0.5, 0.3, 0.2]
+    fused = otfx.fuse(traced, *scaled, solver="emd", weights=weights)
+    expected = weights[0] + 2 * weights[1] + 3 * weights[2]
+    originals = dict(model.named_parameters())
+    checked = 0
+    for name, p in fused.named_parameters():
+        if "layernorm" in name and name.endswith("bias"):
+            torch.testing.assert_close(p, originals[name] * expected, atol=1e-5, rtol=0)
+            checked += 1
+        else:
+            torch.testing.assert_close(p, originals[name], atol=1e-5, rtol=0)
+    assert checked >= 4
+
+
+def test_tiny_sinkhorn_regulariser_is_handled():
+    a, args = zoo.build("hf_vit")
+    b, _ = zoo.build("hf_vit", seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = otfx.fuse(otfx.trace(a, args), otfx.trace(b, args), solver="sinkhorn", reg=1e-4)
+    assert any("sinkhorn" in str(w.message).lower() or "fall" in str(w.message).lower() for w in caught)
+    for p in fused.parameters():
+        assert torch.isfinite(p).all()
+        assert p.abs().sum() > 0
+    assert torch.isfinite(outputs(fused, fresh_inputs("hf_vit"))).all()
+
+
+def test_vanilla_fusion_and_ensemble():
+    a, args = zoo.build("bert")
+    b, _ = zoo.build("bert", seed=1)
+    avg = otfx.vanilla_fuse(a, b)
+    for (k, p), q, r in zip(avg.named_parameters(), a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, (q + r) / 2, msg=k)
+    ens = otfx.ensemble(a, b, weights=[3, 1])
+    x = fresh_inputs("bert")
+    torch.testing.assert_close(outputs(ens, x), 0.75 * outputs(a, x) + 0.25 * outputs(b, x))
+
+
+def test_plain_modules_are_traced_with_args():
+    model, args = zoo.build("matmul_encoder")
+    copy = otfx.random_symmetry(otfx.trace(model, args), seed=2)
+    fused = otfx.fuse(model, copy, args=args, solver="emd")
+    assert_same_model(fused, model, "matmul_encoder", param_atol=1e-5)
+
+
+def test_token_filters_run():
+    model, args = zoo.build("hf_vit")
+    other, _ = zoo.build("hf_vit", seed=1)
+    ta, tb = otfx.trace(model, args), otfx.trace(other, args)
+    for tokens in ("cls", ("window", 2), "window:3"):
+        fused = otfx.fuse(ta, tb, cost="activations", data=data_batches("hf_vit"), tokens=tokens)
+        assert torch.isfinite(outputs(fused, fresh_inputs("hf_vit"))).all()
+
+
+def test_bad_input_gets_clear_errors():
+    bert, args = zoo.build("bert")
+    deeper, _ = zoo.build("bert", layers=3)
+    gpt2, _ = zoo.build("gpt2")
+    vit, vit_args = zoo.build("hf_vit")
+    tb = otfx.trace(bert, args)
+    with pytest.raises(otfx.FusionError, match="different architectures or depths"):
+        otfx.fuse(tb, otfx.trace(deeper, args))
+    with pytest.raises(otfx.FusionError, match="different architectures"):
+        otfx.fuse(tb, otfx.trace(gpt2, args))
+    with pytest.raises(otfx.FusionError, match="at least two models"):
+        otfx.fuse(tb)
+    with pytest.raises(otfx.FusionError, match="needs data"):
+        otfx.fuse(tb, tb, cost="activations")
+    with pytest.raises(otfx.FusionError, match="solver"):
+        otfx.fuse(tb, tb, solver="hungarian")
+    with pytest.raises(otfx.FusionError, match="only the batch size may differ"):
+        otfx.fuse(tb, tb, cost="activations", data=[zoo.inputs("bert", 2, 5)])
+    with pytest.raises(otfx.FusionError, match="not traced"):
+        otfx.fuse(bert, bert)
+    with pytest.raises((otfx.FusionError, otfx.TraceError)):
+        otfx.fuse(vit, vit, args=args)  # token ids do not fit an image model
+    # a classifier with another number of classes: the output axis cannot be aligned
+    import transformers
+
+    cfg = {k: v for k, v in vit.config.to_dict().items() if k not in ("id2label", "label2id")}
+    five = transformers.ViTForImageClassification(transformers.ViTConfig(**cfg | {"num_labels": 5})).eval()
+    with pytest.raises(otfx.FusionError, match="cannot be aligned"):
+        otfx.fuse(otfx.trace(vit, vit_args), otfx.trace(five, vit_args))
