@@ -23,7 +23,7 @@ import warnings
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
@@ -62,6 +62,7 @@ class Split:
     std: float
     num_classes: int
     name: str = ""
+    indices: dict[str, np.ndarray] = field(default_factory=dict)  # rows of the source files, per part
 
     def part(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, y)`` of ``"train"``, ``"val"`` or ``"test"``."""
@@ -118,13 +119,11 @@ def load_digits_split(seed: int = 0, val_fraction: float = 0.1, test_fraction: f
     d = load_digits()
     x = d.images.astype(np.float64)[:, None]
     y = d.target.astype(np.int64)
-    x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=test_fraction, random_state=seed,
-                                                      stratify=y)
-    x_tr, x_val, y_tr, y_val = train_test_split(x_rest, y_rest, test_size=val_fraction, random_state=seed,
-                                                stratify=y_rest)
-    (xt, xv, xs), mean, std = _standardise(x_tr, x_val, x_test)
-    return Split(xt, torch.from_numpy(y_tr), xv, torch.from_numpy(y_val), xs, torch.from_numpy(y_test),
-                 mean, std, 10, "digits")
+    rest, test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=y)
+    train, val = train_test_split(rest, test_size=val_fraction, random_state=seed, stratify=y[rest])
+    (xt, xv, xs), mean, std = _standardise(x[train], x[val], x[test])
+    return Split(xt, torch.from_numpy(y[train]), xv, torch.from_numpy(y[val]), xs, torch.from_numpy(y[test]),
+                 mean, std, 10, "digits", {"train": train, "val": val, "test": test})
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -196,7 +195,8 @@ def load_fashion_mnist(root: str | Path | None = None, val_size: int = 5000, see
                                            x_test.astype(np.float32) / 255.0)
     # mean / std are reported in raw 0-255 pixel units
     return Split(xt, torch.from_numpy(y_all[tr]), xv, torch.from_numpy(y_all[va]), xs,
-                 torch.from_numpy(y_test), mean * 255.0, std * 255.0, 10, "fashion-mnist")
+                 torch.from_numpy(y_test), mean * 255.0, std * 255.0, 10, "fashion-mnist",
+                 {"train": tr, "val": va, "test": np.arange(len(y_test))})
 
 
 # ----------------------------------------------------------------------------------------------- text

@@ -7,6 +7,7 @@ batch order (and masks), so two parents that differ only in their seeds differ i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -178,9 +179,9 @@ def _fit(model: nn.Module, split: Split, *, steps: int, lr: float, wd: float, ba
         opt.step()
         sched.step()
         if log is not None:
-            log.append(float(loss))
+            log.append(loss.detach().item())
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+            bar.set_postfix(loss=f"{loss.detach().item():.3f}", refresh=False)
         bar.update()
         if step in checkpoints:
             checkpoint(step)
@@ -191,9 +192,12 @@ def _fit(model: nn.Module, split: Split, *, steps: int, lr: float, wd: float, ba
 
 
 def train_classifier(model: nn.Module, split: Split, *, epochs: float, seed: int, lr: float = 2e-3,
-                     wd: float = 0.05, batch: int = 128, warmup: float = 0.05, clip: float | None = None,
+                     wd: float = 0.05, batch: int = 128, warmup: float = 0.2, clip: float | None = 1.0,
                      progress: bool | str = True, log: list[float] | None = None) -> nn.Module:
     """Train on ``split``'s training set with AdamW and warm-up + cosine (``warmup``: fraction of steps).
+
+    Defaults chosen on digits' validation set: lr 2e-3 with 5% warm-up and no clipping diverges part-way
+    (val 88-90%); 20% warm-up and gradient-norm clipping at 1.0 give 96-97%.
 
     ``seed`` fixes the batch order. Returns ``model`` (trained in place, left in eval mode); per-step losses
     are appended to ``log`` if given. ``progress`` may be a string used as the progress bar's label.
@@ -205,7 +209,7 @@ def train_classifier(model: nn.Module, split: Split, *, epochs: float, seed: int
 
 
 def finetune(model: nn.Module, split: Split, *, steps: int, seed: int, lr: float = 1e-3, wd: float = 0.05,
-             batch: int = 128, warmup: float = 0.05, clip: float | None = None, eval_at: Sequence[int] = (),
+             batch: int = 128, warmup: float = 0.1, clip: float | None = 1.0, eval_at: Sequence[int] = (),
              eval_parts: Sequence[str] = ("val", "test"), progress: bool | str = True,
              log: list[float] | None = None) -> tuple[nn.Module, Curve]:
     """The training loop of :func:`train_classifier` for ``steps`` steps; accuracy on ``eval_parts`` at each
@@ -258,9 +262,9 @@ def train_mlm(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *
         opt.step()
         sched.step()
         if log is not None:
-            log.append(float(loss))
+            log.append(loss.detach().item())
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+            bar.set_postfix(loss=f"{loss.detach().item():.3f}", refresh=False)
         bar.update()
     bar.close()
     model.eval()
@@ -284,6 +288,20 @@ def evaluate_mlm_loss(model: nn.Module, batches: Iterable[Mapping[str, torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------- caching
+
+
+@contextlib.contextmanager
+def _quiet_hf() -> Iterator[None]:
+    """Hide transformers' per-file progress bars ("Writing model shards", "Loading weights")."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:
@@ -321,7 +339,8 @@ def cached_parent(name: str, build_fn: Callable[[], nn.Module],
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "parents"
     path = root / parent_key(name, model, seed, extra)
     if (path / "meta.json").is_file():
-        return type(model).from_pretrained(path).eval()
+        with _quiet_hf():
+            return type(model).from_pretrained(path).eval()
     t0 = time.perf_counter()
     trained = train_fn(model)
     trained = model if trained is None else trained
@@ -329,7 +348,8 @@ def cached_parent(name: str, build_fn: Callable[[], nn.Module],
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{path.name}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    trained.save_pretrained(tmp)  # safetensors
+    with _quiet_hf():
+        trained.save_pretrained(tmp)  # safetensors
     meta = {"name": name, "seed": seed, "extra": dict(extra or {}), "train_seconds": round(seconds, 2),
             "class": type(trained).__name__}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
