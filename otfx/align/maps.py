@@ -296,6 +296,41 @@ class TransportMaps:
         i = factors.index(root)
         return factor_marginal(plan.reshape(*sizes_b, *sizes_a), i, len(factors))
 
+    def _solve_outer_elsewhere(self, root: int, outer: list[int]) -> None:
+        """Let products whose only head factor is an unknown factor of ours solve it first (grouped-query
+        attention: kv heads come from the keys and values, query heads within a group from the queries)."""
+        if len(outer) < 2:
+            return
+        for f in outer:
+            if self.root(f) in self.maps or self.part.is_fixed(f):
+                continue
+            for carrier in self.carriers.get(self.root(f), []):
+                if carrier != root and carrier not in self._busy and self.flat_factors(carrier)[:-1] == [self.root(f)]:
+                    try:
+                        self.map(carrier)
+                    except _Cycle:
+                        continue
+                    if self.root(f) in self.maps:
+                        break
+
+    def _solve_one_factor(self, root, outer, unknown, blocks_a, blocks_b, used) -> None:
+        """Solve one head factor given the others: align the known factors, then match the unknown one."""
+        sizes_a = [self.width(f)[0] for f in outer]
+        sizes_b = [self.width(f)[1] for f in outer]
+        a = blocks_a.reshape(*sizes_a, *blocks_a.shape[1:])
+        b = blocks_b.reshape(*sizes_b, *blocks_b.shape[1:])
+        for i, f in enumerate(outer):
+            if f != unknown:
+                b = apply_map(b, i, self.map(f), "out")
+        u = outer.index(unknown)
+        a = a.movedim(u, 0).reshape(sizes_a[u], -1, *blocks_a.shape[1:])
+        b = b.movedim(u, 0).reshape(sizes_b[u], -1, *blocks_b.shape[1:])
+        cost = sum(_pair_costs(b[:, k], a[:, k]) for k in range(a.shape[1]))
+        plan, info = solve(cost, method=self.config.solver, reg=self.config.reg, max_iter=self.config.max_iter)
+        self.stats.append(MapStats(self.root(unknown), "heads", sizes_a[u], sizes_b[u], info.method, info.cost_range,
+                                   info.sharpness, info.iterations, used))
+        self.maps[self.root(unknown)] = plan
+
     def _aware(self, root: int) -> torch.Tensor:
         """Head-aware alignment: match whole heads first (by the cost of matching their dims), then the dims
         within heads, shared by all heads, given the head map."""
@@ -308,30 +343,22 @@ class TransportMaps:
         d_a, d_b = self.width(inner)
         blocks_a = rows_a.reshape(h_a, d_a, -1)
         blocks_b = rows_b.reshape(h_b, d_b, -1)
-        if all(self.root(f) in self.maps for f in outer):
-            head_plan = torch.ones(1, 1, dtype=torch.float64)
-            for f in outer:
-                head_plan = torch.kron(head_plan, self.maps[self.root(f)])
-        else:
-            pair_cost = torch.zeros(h_b, h_a, dtype=torch.float64)
-            for hb in range(h_b):
-                for ha in range(h_a):
-                    c = torch.cdist(blocks_b[hb], blocks_a[ha])
-                    p, _ = solve(c, method="emd")
-                    pair_cost[hb, ha] = (p * c).sum()
-            head_plan, info = solve(pair_cost, method=self.config.solver, reg=self.config.reg,
+        self._solve_outer_elsewhere(root, outer)
+        unknown = [f for f in outer if self.root(f) not in self.maps and not self.part.is_fixed(f)]
+        if len(unknown) == 1 and len(outer) > 1:
+            self._solve_one_factor(root, outer, unknown[0], blocks_a, blocks_b, used)
+        elif unknown:
+            head_plan, info = solve(_pair_costs(blocks_b, blocks_a), method=self.config.solver, reg=self.config.reg,
                                     max_iter=self.config.max_iter)
             self.stats.append(MapStats(root, "heads", h_a, h_b, info.method, info.cost_range, info.sharpness,
                                        info.iterations, used))
-            sizes_b = [self.width(f)[1] for f in outer]
-            sizes_a = [self.width(f)[0] for f in outer]
-            t = head_plan.reshape(*sizes_b, *sizes_a)
+            t = head_plan.reshape(*[self.width(f)[1] for f in outer], *[self.width(f)[0] for f in outer])
             for i, f in enumerate(outer):
-                if self.root(f) not in self.maps and not self.part.is_fixed(f):
+                if f in unknown:
                     self.maps[self.root(f)] = factor_marginal(t, i, len(outer))
-            head_plan = torch.ones(1, 1, dtype=torch.float64)
-            for f in outer:
-                head_plan = torch.kron(head_plan, self.map(f))
+        head_plan = torch.ones(1, 1, dtype=torch.float64)
+        for f in outer:
+            head_plan = torch.kron(head_plan, self.map(f))
         if self.root(inner) in self.maps or self.part.is_fixed(inner):
             inner_plan = self.map(inner)
         else:
@@ -344,6 +371,17 @@ class TransportMaps:
                                        info.sharpness, info.iterations, used))
             self.maps[self.root(inner)] = inner_plan
         return torch.kron(head_plan, inner_plan)
+
+
+def _pair_costs(blocks_b: torch.Tensor, blocks_a: torch.Tensor) -> torch.Tensor:
+    """Cost of matching head hb to head ha: the optimal cost of matching their dims ([heads, dims, features])."""
+    cost = torch.zeros(blocks_b.shape[0], blocks_a.shape[0], dtype=torch.float64)
+    for hb in range(blocks_b.shape[0]):
+        for ha in range(blocks_a.shape[0]):
+            c = torch.cdist(blocks_b[hb], blocks_a[ha])
+            p, _ = solve(c, method="emd")
+            cost[hb, ha] = (p * c).sum()
+    return cost
 
 
 def factor_marginal(plan: torch.Tensor, i: int, k: int) -> torch.Tensor:

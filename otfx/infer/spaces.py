@@ -125,6 +125,10 @@ class Partition:
                     changed = True
                 else:
                     seen[key] = root
+            for root, (_kind, children) in list(self.structure.items()):
+                if self.find(root) == root and root not in self.fixed and all(self.is_fixed(c) for c in children):
+                    self.fix(root, "every part is fixed")
+                    changed = True
             for root in list(self.fixed):
                 if self.find(root) != root:
                     continue
