@@ -1,0 +1,646 @@
+"""The ``otfx`` command line: inspect, export, fuse and sweep models saved on disk, and run the demo.
+
+Every command exits non-zero with a one-paragraph message (no traceback; ``--debug`` shows it) when an input
+cannot be used, a model cannot be traced or fusion refuses its options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import inspect
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+import otfx
+from otfx.io import OtfxInputError, atomic_dir, check_output_dir
+from otfx.io.data import load_data, load_labelled
+from otfx.io.models import InputSpec, LoadedModel, example_inputs, load_model, save_model
+from otfx.io.report import FusionReport, write_report
+from otfx.trace import TraceError, main_output
+
+FUSE_OPTIONS = ("cost", "solver", "reg", "residual", "heads", "qk", "tokens", "weights", "max_iter")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+class _Console:
+    """Progress bars and notes on stderr (silenced by --quiet); results go to stdout."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    def progress(self, items: Sequence, desc: str):
+        from tqdm.auto import tqdm
+
+        # delay: only steps that take more than a second show a bar
+        return tqdm(items, desc=desc, disable=self.quiet, delay=1.0, file=sys.stderr, leave=False)
+
+
+@contextlib.contextmanager
+def _hf_bars() -> Iterator[None]:
+    """Silence transformers' own progress bars (ours cover loading), restoring the setting afterwards."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _input_spec(args: argparse.Namespace) -> InputSpec | None:
+    return InputSpec.parse(args.input_shape, args.input_dtype, args.input_high)
+
+
+def _load_all(args: argparse.Namespace, specs: list[str], console: _Console) -> list[LoadedModel]:
+    """Load every MODEL; --checkpoint files go, in order, to the specs that are not folders."""
+    checkpoints = list(args.checkpoint or [])
+    needing = [i for i, s in enumerate(specs) if not Path(s).is_dir()]
+    if checkpoints and len(checkpoints) not in (len(needing), len(specs)):
+        raise OtfxInputError(f"got {len(checkpoints)} --checkpoint file(s) for {len(needing)} model spec(s) that "
+                             "are not folders; give one --checkpoint per timm:/factory MODEL, in order")
+    owners = needing if len(checkpoints) == len(needing) else list(range(len(specs)))
+    paired = dict(zip(owners, checkpoints))
+    spec = _input_spec(args)
+    loaded = []
+    for i in console.progress(range(len(specs)), "loading models"):
+        loaded.append(load_model(specs[i], paired.get(i), args.model_kwargs, spec))
+    for lm in loaded:
+        for note in lm.notes:
+            console.say(f"note: {note}")
+    return loaded
+
+
+def _examples(args: argparse.Namespace, loaded: LoadedModel, seq: int | None = None) -> tuple:
+    return example_inputs(loaded, batch=args.batch, seq=args.seq or seq or 16)
+
+
+def _fit_data(args: argparse.Namespace, loaded: LoadedModel, example: tuple) -> tuple[tuple, list | None]:
+    """Read --data; token data of another length re-makes the example inputs (fusion traces at one length)."""
+    if not args.data:
+        return example, None
+    data = load_data(args.data, loaded, args.data_batch, args.data_limit, example)
+    x, like = data[0][0], example[0]
+    if like.ndim == 2 and not like.dtype.is_floating_point and x.shape[1] != like.shape[1]:
+        if args.seq is not None or args.input_shape is not None:
+            raise OtfxInputError(f"--data {args.data} has sequences of {x.shape[1]} tokens but the models are "
+                                 f"traced with {like.shape[1]} (--seq/--input-shape); make them agree")
+        example = _examples(args, loaded, seq=x.shape[1])
+    return example, data
+
+
+def _trace_all(loaded: list[LoadedModel], example: tuple, console: _Console) -> list:
+    traced = []
+    for lm in console.progress(loaded, "tracing"):
+        traced.append(otfx.trace(lm.model, example, name=lm.name))
+    return traced
+
+
+def _check_same_architecture(loaded: list[LoadedModel]) -> None:
+    """Models to fuse share a class and parameter names (widths may differ, fusion decides)."""
+    first = loaded[0]
+    names = dict(first.model.named_parameters())
+    for other in loaded[1:]:
+        if type(other.model) is not type(first.model):
+            raise OtfxInputError(f"architectures do not match: {first.source} is {type(first.model).__name__}, "
+                                 f"{other.source} is {type(other.model).__name__}")
+        theirs = dict(other.model.named_parameters())
+        missing, extra = sorted(names.keys() - theirs.keys()), sorted(theirs.keys() - names.keys())
+        if missing or extra:
+            what = (f"{len(missing)} parameter(s) only in {first.source} (e.g. {missing[0]})" if missing else
+                    f"{len(extra)} parameter(s) only in {other.source} (e.g. {extra[0]})")
+            raise OtfxInputError(f"architectures do not match: {what}")
+        for name, p in names.items():
+            if p.ndim != theirs[name].ndim:
+                raise OtfxInputError(f"architectures do not match: {name} has shape {tuple(p.shape)} in "
+                                     f"{first.source} and {tuple(theirs[name].shape)} in {other.source}")
+
+
+def _fuse_function() -> Callable:
+    fuse = getattr(otfx, "fuse", None)
+    if fuse is None:
+        raise OtfxInputError("fusion is not available in this otfx installation (otfx.fuse is missing); "
+                             "update otfx")
+    return fuse
+
+
+def _parse_weights(text: str | None, n: int) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise OtfxInputError(f"--weights {text!r} is not a comma-separated list of numbers, like 0.5,0.5") from None
+    if len(weights) != n:
+        raise OtfxInputError(f"--weights has {len(weights)} values for {n} models")
+    if any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
+        raise OtfxInputError(f"--weights {text!r} must be non-negative with a positive sum")
+    return weights
+
+
+def _check_tokens(text: str | None) -> str | None:
+    if text is None or text in ("all", "cls"):
+        return text
+    kind, _, n = text.partition(":")
+    if kind == "window" and n.isdigit() and int(n) > 0:
+        return text
+    raise OtfxInputError(f"--tokens {text!r} must be all, cls or window:N (N a positive integer)")
+
+
+def _fuse_options(args: argparse.Namespace, n: int) -> dict:
+    """Options the user gave (others keep otfx.fuse's defaults)."""
+    reg = getattr(args, "reg", None)  # sweep has --regs instead
+    options = {"cost": args.cost, "solver": args.solver, "reg": reg, "residual": args.residual,
+               "heads": args.heads, "qk": args.qk, "tokens": _check_tokens(args.tokens),
+               "weights": _parse_weights(args.weights, n), "max_iter": args.max_iter}
+    if reg is not None and not reg > 0:
+        raise OtfxInputError(f"--reg must be positive, got {reg}")
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _call_fuse(fuse: Callable, traced: list, anchor: int, options: dict, data) -> torch.nn.Module:
+    """Call otfx.fuse with the anchor first (or as ``anchor=`` when it takes one)."""
+    params = inspect.signature(fuse).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    options = dict(options)
+    if data is not None:
+        options["data"] = data
+    unknown = [k for k in options if k not in params and not takes_any]
+    if unknown:
+        raise OtfxInputError(f"this otfx.fuse does not take {', '.join(unknown)}; drop those options")
+    models = list(traced)
+    if "anchor" in params:
+        options["anchor"] = anchor
+    elif anchor:
+        models.insert(0, models.pop(anchor))
+        if "weights" in options:
+            weights = list(options["weights"])
+            weights.insert(0, weights.pop(anchor))
+            options["weights"] = weights
+    return fuse(*models, **options)
+
+
+def _effective_options(fuse: Callable, options: dict) -> dict:
+    """The given options over the defaults of ``fuse``'s signature."""
+    defaults = {name: p.default for name, p in inspect.signature(fuse).parameters.items()
+                if name in FUSE_OPTIONS and p.default is not inspect.Parameter.empty}
+    return {**defaults, **options}
+
+
+def _anchor_index(args: argparse.Namespace, n: int) -> int:
+    if not -n <= args.anchor < n:
+        raise OtfxInputError(f"--anchor {args.anchor} is out of range for {n} models (0 to {n - 1})")
+    return args.anchor % n
+
+
+def _input_paths(specs: list[str], args: argparse.Namespace) -> list[Path]:
+    paths = [Path(s) for s in specs if Path(s).exists()]
+    paths += [Path(c) for c in args.checkpoint or []]
+    for extra in ("data", "eval"):
+        if getattr(args, extra, None):
+            paths.append(Path(getattr(args, extra)))
+    return paths
+
+
+def _fusion_stats(fused: torch.nn.Module):
+    return getattr(fused, "otfx_report", None)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from otfx.inspect import render_summary, write_graph
+
+    console = _Console(args.quiet)
+    outputs = [p for p in (args.dot, args.graphml, args.png) if p]
+    for path in outputs:
+        if Path(path).suffix.lower() not in (".dot", ".gv", ".graphml", ".png"):
+            raise OtfxInputError(f"cannot tell the format of {path}; use a .dot, .graphml or .png name")
+    (loaded,) = _load_all(args, [args.model], console)
+    traced = _trace_all([loaded], _examples(args, loaded), console)[0]
+    inference = otfx.analyse(traced)
+    print(render_summary(inference, max_rows=None if args.all else 60))
+    for path in outputs:
+        write_graph(inference, path)
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from otfx.export.onnx import export_command
+    except ImportError as err:
+        raise OtfxInputError(f"ONNX export is not available: {err}") from None
+    console = _Console(args.quiet)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise OtfxInputError(f"{out} already exists; pass --overwrite to replace it")
+    (loaded,) = _load_all(args, [args.model], console)
+    if out.absolute() in [p.absolute() for p in loaded.paths]:
+        raise OtfxInputError(f"--out {out} is an input; choose another file")
+    example = _examples(args, loaded)
+    console.say(f"exporting {loaded.name} to {out}")
+    check = export_command(loaded.model, example, out, args.check)
+    print(f"wrote {out}")
+    if check is not None:
+        print(check)
+        return 0 if check.passed else 1
+    return 0
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    console = _Console(args.quiet)
+    n = len(args.models)
+    if n < 2:
+        raise OtfxInputError("fuse needs at least two MODELs")
+    fuse = _fuse_function()
+    anchor = _anchor_index(args, n)
+    options = _fuse_options(args, n)
+    check_output_dir(args.out, args.overwrite, _input_paths(args.models, args))
+    report = FusionReport(models=list(args.models))
+    with report.stage("load"):
+        loaded = _load_all(args, args.models, console)
+    _check_same_architecture(loaded)
+    example = _examples(args, loaded[anchor])
+    data = None
+    if args.data:
+        with report.stage("data"):
+            example, data = _fit_data(args, loaded[anchor], example)
+        console.say(f"data: {sum(len(b[0]) for b in data)} samples in {len(data)} batches from {args.data}")
+    with report.stage("trace"):
+        traced = _trace_all(loaded, example, console)
+    console.say(f"fusing {n} x {type(loaded[anchor].model).__name__} (anchor {anchor}: {loaded[anchor].source})")
+    with report.stage("fuse"):
+        fused = _call_fuse(fuse, traced, anchor, options, data)
+    report.config = {"options": _effective_options(fuse, options), "given": options, "anchor": anchor,
+                     "data": args.data, "inputs": [list(t.shape) for t in example],
+                     "input_dtypes": [str(t.dtype) for t in example]}
+    report.add_fusion(_fusion_stats(fused))
+    onnx_check = None
+
+    save_start = time.perf_counter()
+
+    def extras(tmp: Path) -> None:
+        nonlocal onnx_check
+        report.timings["save"] = round(time.perf_counter() - save_start, 4)  # the model's files are written
+        if args.onnx:
+            from otfx.export.onnx import export_command
+
+            with report.stage("onnx"):
+                onnx_check = export_command(fused, example, tmp / "model.onnx", True)
+            report.results["onnx"] = {"file": "model.onnx", "passed": onnx_check.passed,
+                                      "max_abs_diff": onnx_check.max_abs_diff, "provider": onnx_check.provider,
+                                      "atol": onnx_check.atol}
+        write_report(report.to_dict(), tmp / "report.json")
+
+    save_model(loaded[anchor], fused, args.out, overwrite=args.overwrite, extras=extras,
+               inputs=_input_paths(args.models, args))
+    spaces = report.spaces
+    print(f"fused {n} models into {args.out} ({type(fused).__name__}"
+          + (f", {len(spaces)} spaces aligned" if spaces else "") + ")")
+    summary = report.to_dict()["space_summary"]
+    if "sharpness" in summary:
+        print(f"maps: {summary['count']}, sharpness {summary['sharpness']['min']:.2f} to "
+              f"{summary['sharpness']['max']:.2f}" + (f", at most {summary['iterations']['max']:.0f} solver iterations"
+                                                       if summary.get("iterations", {}).get("max") else ""))
+    print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()))
+    print(f"report: {Path(args.out) / 'report.json'}")
+    if onnx_check is not None:
+        print(onnx_check)
+        return 0 if onnx_check.passed else 1
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    console = _Console(args.quiet)
+    n = len(args.models)
+    if n < 2:
+        raise OtfxInputError("sweep needs at least two MODELs")
+    fuse = _fuse_function()
+    anchor = _anchor_index(args, n)
+    regs = _parse_regs(args.regs)
+    if args.solver == "emd":
+        raise OtfxInputError("--solver emd has no regularisation to sweep; use sinkhorn")
+    options = _fuse_options(args, n)
+    options["solver"] = args.solver or "sinkhorn"
+    check_output_dir(args.out, args.overwrite, _input_paths(args.models, args))
+    loaded = _load_all(args, args.models, console)
+    _check_same_architecture(loaded)
+    example, data = _fit_data(args, loaded[anchor], _examples(args, loaded[anchor]))
+    evaluation = load_labelled(args.eval, loaded[anchor], args.data_batch, args.eval_limit, example)
+    has_labels = all(labels is not None for _, labels in evaluation)
+    metric = args.metric or ("accuracy" if has_labels else "loss")
+    if metric == "accuracy" and not has_labels:
+        raise OtfxInputError(f"--eval {args.eval} has no labels, so accuracy cannot be measured; give .npz with x "
+                             "and y (or an image folder with class subfolders), or use --metric loss")
+    traced = _trace_all(loaded, example, console)
+    baselines = {lm.source: evaluate(lm.model, evaluation, metric, lm) for lm in loaded}
+    rows: list[dict] = []
+    best_model = None
+    for reg in console.progress(regs, "sweeping reg"):
+        start = time.perf_counter()
+        try:
+            fused = _call_fuse(fuse, traced, anchor, {**options, "reg": reg}, data)
+        except (ValueError, ArithmeticError) as err:  # one bad reg (e.g. Sinkhorn underflow) does not end the sweep
+            rows.append({"reg": reg, metric: None, "error": str(err).splitlines()[0][:200]})
+            continue
+        value = evaluate(fused, evaluation, metric, loaded[anchor])
+        rows.append({"reg": reg, metric: value, "seconds": round(time.perf_counter() - start, 3)})
+        if _better(value, rows, metric):
+            best_model = fused
+    scored = [r for r in rows if r[metric] is not None and math.isfinite(r[metric])]
+    if not scored:
+        raise ValueError("fusion failed for every reg: " + "; ".join(r.get("error", "?") for r in rows))
+    best = (max if metric == "accuracy" else min)(scored, key=lambda r: r[metric])
+    table = _sweep_table(rows, metric, baselines, best)
+    print(table)
+    result = {"metric": metric, "rows": rows, "best": best, "baselines": baselines, "models": list(args.models),
+              "options": _effective_options(fuse, options), "eval": args.eval, "data": args.data}
+
+    def write(tmp: Path) -> None:
+        write_report(result, tmp / "sweep.json")
+        (tmp / "sweep.txt").write_text(table + "\n")
+        _plot_sweep(rows, metric, baselines, best, tmp / "sweep.png")
+        if args.save_best and best_model is not None:
+            save_model(loaded[anchor], best_model, tmp / "best", inputs=_input_paths(args.models, args))
+
+    with atomic_dir(args.out, args.overwrite, _input_paths(args.models, args)) as tmp:
+        write(tmp)
+    print(f"best reg: {best['reg']:g} ({metric} {best[metric]:.4f}); wrote {Path(args.out) / 'sweep.png'}")
+    return 0
+
+
+def _parse_regs(text: str) -> list[float]:
+    try:
+        regs = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise OtfxInputError(f"--regs {text!r} is not a comma-separated list of numbers") from None
+    if not regs or any(not r > 0 for r in regs):
+        raise OtfxInputError(f"--regs {text!r} must list positive numbers")
+    return regs
+
+
+def _better(value: float, rows: list[dict], metric: str) -> bool:
+    previous = [r[metric] for r in rows[:-1] if r.get(metric) is not None]
+    if not math.isfinite(value):
+        return False
+    if not previous:
+        return True
+    return value > max(previous) if metric == "accuracy" else value < min(previous)
+
+
+def _sweep_table(rows: list[dict], metric: str, baselines: dict, best: dict) -> str:
+    lines = [f"{'reg':>10}  {metric:>10}", f"{'-' * 10}  {'-' * 10}"]
+    for r in rows:
+        value = "failed" if r[metric] is None else f"{r[metric]:.4f}"
+        mark = "  <- best" if r is best else (f"  ({r['error']})" if "error" in r else "")
+        lines.append(f"{r['reg']:>10g}  {value:>10}{mark}")
+    for source, value in baselines.items():
+        lines.append(f"{'input':>10}  {value:>10.4f}  {source}")
+    return "\n".join(lines)
+
+
+def _plot_sweep(rows: list[dict], metric: str, baselines: dict, best: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from otfx.io import atomic_path
+
+    fig = Figure(figsize=(5.5, 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    scored = [r for r in rows if r[metric] is not None]
+    ax.plot([r["reg"] for r in scored], [r[metric] for r in scored], "o-", label="fused")
+    ax.plot([best["reg"]], [best[metric]], "*", ms=14, color="tab:red", label=f"best (reg {best['reg']:g})")
+    for i, (source, value) in enumerate(baselines.items()):
+        ax.axhline(value, ls="--", lw=1, color=f"C{i + 2}", label=f"input: {Path(source).name}")
+    ax.set_xscale("log")
+    ax.set_xlabel("Sinkhorn regularisation (reg)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+def evaluate(model: torch.nn.Module, batches: list, metric: str, loaded: LoadedModel | None = None) -> float:
+    """Accuracy or mean cross-entropy over labelled batches; masked/causal LM loss over unlabelled token batches."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    g = torch.Generator().manual_seed(0)  # the same masks for every model compared
+    try:
+        with torch.no_grad():
+            for inputs, labels in batches:
+                out = main_output(model(*inputs))
+                if labels is not None:
+                    if out.ndim != 2 or out.shape[0] != labels.shape[0]:
+                        raise OtfxInputError(f"the model outputs shape {tuple(out.shape)}; labelled evaluation "
+                                             "needs (batch, classes) logits")
+                    if metric == "accuracy":
+                        total += float((out.argmax(-1) == labels).sum())
+                    else:
+                        total += float(torch.nn.functional.cross_entropy(out, labels, reduction="sum"))
+                    count += len(labels)
+                else:
+                    loss, k = _lm_loss(model, inputs, out, g, loaded)
+                    total, count = total + loss, count + k
+    finally:
+        model.train(was)
+    return total / max(count, 1)
+
+
+def _lm_loss(model: torch.nn.Module, inputs: tuple, out: torch.Tensor, g: torch.Generator,
+             loaded: LoadedModel | None) -> tuple[float, int]:
+    ids = inputs[0]
+    if ids.dtype.is_floating_point or out.ndim != 3 or out.shape[:2] != ids.shape:
+        raise OtfxInputError("unlabelled evaluation data needs token ids and a (batch, seq, vocab) language-model "
+                             "output; give labels (.npz with x and y) for other models")
+    config = getattr(model, "config", None)
+    causal = getattr(config, "is_decoder", False) or any(s in type(model).__name__ for s in ("CausalLM", "LMHead"))
+    if causal:
+        loss = torch.nn.functional.cross_entropy(out[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+        return float(loss), ids[:, 1:].numel()
+    # masked LM: 15% of positions replaced by the mask token (or a random one), scored at those positions
+    mask = torch.rand(ids.shape, generator=g) < 0.15
+    mask[:, 0] |= ~mask.any(dim=1)
+    tokenizer = loaded.tokenizer if loaded is not None else None
+    mask_id = getattr(tokenizer, "mask_token_id", None)
+    replaced = ids.clone()
+    replaced[mask] = mask_id if mask_id is not None else torch.randint(0, out.shape[-1], (int(mask.sum()),),
+                                                                        generator=g)
+    logits = main_output(model(replaced, *inputs[1:]))
+    loss = torch.nn.functional.cross_entropy(logits[mask], ids[mask], reduction="sum")
+    return float(loss), int(mask.sum())
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        demo = importlib.import_module("otfx.experiments.demo")
+    except ModuleNotFoundError as err:
+        if err.name not in ("otfx.experiments.demo", "otfx.experiments"):
+            raise
+        raise OtfxInputError("the demo is not available in this otfx installation (otfx.experiments.demo is "
+                             "missing)") from None
+    rest = list(args.demo_args or [])
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    result = demo.main(rest)
+    return int(result) if isinstance(result, int) else 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model loading")
+    g.add_argument("--checkpoint", action="append", metavar="FILE",
+                   help="state dict (.safetensors/.pt) for a timm:/factory MODEL; repeat once per such MODEL")
+    g.add_argument("--model-kwargs", metavar="JSON",
+                   help="constructor kwargs as a JSON object or JSON file (else <checkpoint>.json if present)")
+    g.add_argument("--input-shape", metavar="SHAPE", help="example input shape with batch, like 2x3x32x32")
+    g.add_argument("--input-dtype", metavar="DTYPE", help="example input dtype: float (default) or long")
+    g.add_argument("--input-high", type=int, metavar="N", help="upper bound (exclusive) for integer inputs")
+    g.add_argument("--batch", type=int, default=2, help="batch size of derived example inputs (default 2)")
+    g.add_argument("--seq", type=int, help="sequence length of derived token inputs (default: that of token --data, "
+                                           "else 16)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars or notes")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of short error messages")
+
+
+def _fusion_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    g = p.add_argument_group("fusion (defaults: those of otfx.fuse)")
+    g.add_argument("--cost", choices=["weights", "activations"])
+    g.add_argument("--solver", choices=["emd", "sinkhorn"])
+    if not sweep:
+        g.add_argument("--reg", type=float, help="Sinkhorn entropic regularisation (e.g. 0.06)")
+    g.add_argument("--residual", choices=["mean", "weighted_scalar", "weighted_matrix", "shared"])
+    g.add_argument("--heads", choices=["cross", "aware"])
+    g.add_argument("--qk", choices=["untied", "tied"])
+    g.add_argument("--tokens", metavar="all|cls|window:N")
+    g.add_argument("--weights", metavar="W1,W2,...", help="model weights, like 0.5,0.5")
+    g.add_argument("--max-iter", type=int, help="solver iteration limit")
+    g.add_argument("--anchor", type=int, default=0, help="index of the model whose architecture is kept")
+    g.add_argument("--data", metavar="PATH", help="data for activation costs (image folder, .npy/.npz, .txt, "
+                                                  "datasets folder)")
+    g.add_argument("--data-batch", type=int, default=16, help="batch size for --data (default 16)")
+    g.add_argument("--data-limit", type=int, help="use at most this many samples of --data")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="otfx", description="Fuse independently trained transformers with "
+                                     "optimal transport over traced graphs.")
+    parser.add_argument("--version", action="version", version=f"otfx {otfx.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="print the transport spaces of a model; draw its flow graph")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--dot", metavar="FILE", help="write the flow graph as DOT")
+    p.add_argument("--graphml", metavar="FILE", help="write the flow graph as GraphML")
+    p.add_argument("--png", metavar="FILE", help="draw the flow graph as PNG")
+    p.add_argument("--all", action="store_true", help="list every space (default: the first 60)")
+    _model_options(p)
+    _common(p)
+    p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("export", help="export a model to ONNX (dynamic axes), optionally checked with onnxruntime")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--out", required=True, metavar="FILE.onnx")
+    p.add_argument("--check", action="store_true", help="compare onnxruntime with PyTorch on fresh inputs")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _model_options(p)
+    _common(p)
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("fuse", help="fuse models into one, saved like the anchor, with report.json")
+    p.add_argument("models", nargs="+", metavar="MODEL")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx and check it")
+    _fusion_flags(p)
+    _model_options(p)
+    _common(p)
+    p.set_defaults(run=cmd_fuse)
+
+    p = sub.add_parser("sweep", help="fuse over Sinkhorn regularisations and evaluate each on held-out data")
+    p.add_argument("models", nargs="+", metavar="MODEL")
+    p.add_argument("--eval", required=True, metavar="PATH", help="held-out data (.npz with x and y for accuracy)")
+    p.add_argument("--regs", default="0.01,0.03,0.06,0.1", help="regularisations (default 0.01,0.03,0.06,0.1)")
+    p.add_argument("--metric", choices=["accuracy", "loss"], help="default: accuracy with labels, else loss")
+    p.add_argument("--eval-limit", type=int, help="use at most this many samples of --eval")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--save-best", action="store_true", help="also save the best fused model in DIR/best")
+    _fusion_flags(p, sweep=True)
+    _model_options(p)
+    _common(p)
+    p.set_defaults(run=cmd_sweep)
+
+    p = sub.add_parser("demo", help="run the end-to-end demo (otfx.experiments.demo; 'otfx demo --help' for its "
+                       "options)", add_help=False)
+    p.add_argument("demo_args", nargs=argparse.REMAINDER, help="arguments for the demo")
+    p.set_defaults(run=cmd_demo, quiet=False, debug=False)
+    return parser
+
+
+def _handled_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OtfxInputError, TraceError, ValueError, OSError]
+    with contextlib.suppress(ImportError):
+        from otfx.export.onnx import OnnxExportError
+
+        errors.append(OnnxExportError)
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 failed check or run, 2 unusable input)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # everything after 'demo' belongs to the demo, --help included
+        argv = ["demo", "--", *argv[1:]]
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse exits on --help and usage errors; report the status instead
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    handled = _handled_errors()
+    try:
+        with _hf_bars():
+            return int(args.run(args) or 0)
+    except BrokenPipeError:  # stdout closed early (| head): not an error
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter from failing at exit
+        return 0
+    except handled as err:
+        if args.debug:
+            raise
+        message = str(err).strip() or type(err).__name__
+        print(f"otfx {args.command}: error: {message}", file=sys.stderr)
+        return 2 if isinstance(err, (OtfxInputError, FileNotFoundError)) else 1
+    except KeyboardInterrupt:
+        print(f"otfx {args.command}: interrupted", file=sys.stderr)
+        return 130
+

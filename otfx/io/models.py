@@ -1,0 +1,462 @@
+"""Load a model from a command-line spec, make example inputs for it, and save a fused model the same way.
+
+A spec is one of:
+
+* a Hugging Face folder (``config.json`` + weights, from ``save_pretrained``);
+* a folder written by :func:`save_model` for a non-Hugging-Face model (``otfx-model.json`` + ``model.safetensors``);
+* ``timm:<name>``, built by ``timm.create_model(name, pretrained=False, **kwargs)``, weights from a checkpoint;
+* ``package.module:factory``, built by calling the factory with kwargs, weights (optionally) from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from otfx.io import OtfxInputError, atomic_dir, atomic_file
+
+#: written next to the weights of every model that :func:`save_model` saves
+META_FILE = "otfx-model.json"
+WEIGHTS_FILE = "model.safetensors"
+_FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_DTYPES = {"float": torch.float32, "float32": torch.float32, "float16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16, "float64": torch.float64, "double": torch.float64, "long": torch.long,
+           "int64": torch.long, "int": torch.long, "int32": torch.int32, "bool": torch.bool}
+_HOW = ("give a Hugging Face folder (save_pretrained), a folder written by 'otfx fuse', "
+        "'timm:<name> --checkpoint FILE' or 'package.module:factory [--checkpoint FILE]'")
+
+
+@dataclass
+class InputSpec:
+    """Explicit example-input description: ``shape`` (with the batch axis), dtype name and, for ints, bound."""
+
+    shape: tuple[int, ...]
+    dtype: str = "float"
+    high: int | None = None
+
+    @classmethod
+    def parse(cls, shape: str | None, dtype: str | None = None, high: int | None = None) -> InputSpec | None:
+        """From CLI strings like ``2x3x32x32``; None when nothing was given."""
+        if shape is None:
+            if dtype is not None or high is not None:
+                raise OtfxInputError("--input-dtype/--input-high need --input-shape (for example 2x3x32x32)")
+            return None
+        try:
+            dims = tuple(int(d) for d in str(shape).lower().replace(",", "x").split("x"))
+        except ValueError:
+            raise OtfxInputError(f"--input-shape {shape!r} is not like 2x3x32x32") from None
+        if not dims or any(d <= 0 for d in dims):
+            raise OtfxInputError(f"--input-shape {shape!r} must list positive sizes, like 2x3x32x32")
+        dtype = dtype or ("long" if high is not None else "float")
+        if dtype not in _DTYPES:
+            raise OtfxInputError(f"--input-dtype {dtype!r} is not one of {', '.join(sorted(_DTYPES))}")
+        return cls(dims, dtype, high)
+
+
+@dataclass
+class LoadedModel:
+    """A model read from disk, with what is needed to make inputs for it and to save a model like it."""
+
+    model: nn.Module
+    kind: str  # "hf", "timm" or "factory"
+    source: str  # the spec it was loaded from
+    tokenizer: Any = None
+    config: Any = None
+    rebuild: dict = field(default_factory=dict)  # how to build the architecture again: kind, name/factory, kwargs
+    inputs: InputSpec | None = None
+    paths: list[Path] = field(default_factory=list)  # the files and folders read, never to be written
+    notes: list[str] = field(default_factory=list)  # things the user should know (random weights, ...)
+
+    @property
+    def name(self) -> str:
+        """A short name for messages and traces: the class and where it came from."""
+        where = Path(self.source).name if Path(self.source).exists() else self.source
+        return f"{type(self.model).__name__} from {where}"
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def load_model(spec: str | Path, checkpoint: str | Path | None = None, model_kwargs: dict | str | None = None,
+               inputs: InputSpec | None = None) -> LoadedModel:
+    """Load a model from a spec (see the module docstring); errors name the path and what to do."""
+    spec = str(spec)
+    kwargs = _parse_kwargs(model_kwargs)
+    path = Path(spec)
+    if spec.startswith("timm:"):
+        loaded = _load_timm(spec[5:], checkpoint, kwargs, spec)
+    elif path.exists():
+        if path.is_dir():
+            loaded = _load_folder(path, checkpoint, kwargs)
+        else:
+            raise OtfxInputError(f"{path} is a file, not a model; {_HOW} (a weights file goes after --checkpoint)")
+    elif _FACTORY.match(spec):
+        loaded = _load_factory(spec, checkpoint, kwargs)
+    else:
+        raise OtfxInputError(f"no such file or folder: {path}; {_HOW}")
+    if inputs is not None:
+        loaded.inputs = inputs
+    loaded.model.eval()
+    return loaded
+
+
+def _parse_kwargs(given: dict | str | None) -> dict:
+    if given is None:
+        return {}
+    if isinstance(given, dict):
+        return dict(given)
+    text = str(given)
+    if not text.lstrip().startswith("{") and Path(text).is_file():
+        text = _read_text(Path(text), "--model-kwargs file")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise OtfxInputError(f"--model-kwargs is neither a JSON object nor a JSON file: {err}") from None
+    if not isinstance(value, dict):
+        raise OtfxInputError("--model-kwargs must be a JSON object, like '{\"img_size\": 32}'")
+    return value
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise OtfxInputError(f"cannot read {what} {path}: {err}") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(_read_text(path, "JSON file"))
+    except json.JSONDecodeError as err:
+        raise OtfxInputError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise OtfxInputError(f"{path} must hold a JSON object")
+    return value
+
+
+def _load_folder(path: Path, checkpoint: str | Path | None, kwargs: dict) -> LoadedModel:
+    meta = _read_json(path / META_FILE) if (path / META_FILE).is_file() else None
+    if (path / "config.json").is_file():
+        loaded = _load_hf(path)
+    elif meta is not None:
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            raise OtfxInputError(f"{path} has {META_FILE} but no {WEIGHTS_FILE}; the folder is incomplete")
+        kind = meta.get("kind")
+        merged = {**meta.get("kwargs", {}), **kwargs}
+        if kind == "timm":
+            loaded = _load_timm(meta["name"], checkpoint or weights, merged, str(path))
+        elif kind == "factory":
+            loaded = _load_factory(meta["factory"], checkpoint or weights, merged, source=str(path))
+        else:
+            raise OtfxInputError(f"{path / META_FILE} names an unknown kind {kind!r} (expected timm or factory)")
+        loaded.paths.append(path)
+    else:
+        found = sorted(p.name for p in path.iterdir())
+        held = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "") or "nothing"
+        raise OtfxInputError(f"folder {path} is not a model: it has no config.json (Hugging Face save_pretrained) "
+                             f"and no {META_FILE} (written by otfx fuse); it holds {held}. {_HOW}")
+    if meta is not None and meta.get("inputs"):
+        loaded.inputs = InputSpec(tuple(meta["inputs"]["shape"]), meta["inputs"].get("dtype", "float"),
+                                  meta["inputs"].get("high"))
+    return loaded
+
+
+def _load_hf(path: Path) -> LoadedModel:
+    try:
+        import transformers
+        from transformers import AutoConfig
+    except ImportError:
+        raise OtfxInputError(f"{path} is a Hugging Face folder, but transformers is not installed") from None
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as err:  # transformers raises OSError, ValueError, KeyError for broken configs
+        raise OtfxInputError(f"cannot read the Hugging Face config in {path}: {_first_line(err)}") from None
+    names = list(getattr(config, "architectures", None) or [])
+    cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
+    if cls is None:
+        if names:
+            raise OtfxInputError(f"{path / 'config.json'} names architecture {names[0]!r}, which this transformers "
+                                 f"({transformers.__version__}) does not have; upgrade transformers or re-save the "
+                                 "model")
+        cls = transformers.AutoModel
+    try:
+        model = cls.from_pretrained(path)
+    except Exception as err:
+        raise OtfxInputError(f"cannot load {cls.__name__} weights from {path}: {_first_line(err)}") from None
+    tokenizer = None
+    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        except Exception:  # a model without a usable tokenizer is still a model
+            tokenizer = None
+    rebuild = {"kind": "hf", "architecture": cls.__name__}
+    return LoadedModel(model, "hf", str(path), tokenizer, config, rebuild, paths=[path])
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:400]
+
+
+def _load_timm(name: str, checkpoint: str | Path | None, kwargs: dict, source: str) -> LoadedModel:
+    try:
+        import timm
+    except ImportError:
+        raise OtfxInputError(f"{source} needs timm; install it with 'pip install timm'") from None
+    if not name:
+        raise OtfxInputError("timm: needs a model name, like timm:vit_tiny_patch16_224")
+    ckpt = _checkpoint_path(checkpoint)
+    kwargs = {**_sidecar_kwargs(ckpt), **kwargs}
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise OtfxInputError(f"timm has no model {name!r} (see timm.list_models())") from None
+        raise OtfxInputError(f"timm.create_model({name!r}, **{kwargs}) failed: {_first_line(err)}") from None
+    except TypeError as err:
+        raise OtfxInputError(f"timm model {name!r} rejected the kwargs {kwargs}: {_first_line(err)}") from None
+    loaded = LoadedModel(model, "timm", source, rebuild={"kind": "timm", "name": name, "kwargs": kwargs})
+    _finish(loaded, ckpt)
+    return loaded
+
+
+def _load_factory(spec: str, checkpoint: str | Path | None, kwargs: dict, source: str | None = None) -> LoadedModel:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is None or not module_name.startswith(err.name) or _cwd_on_path():
+            raise OtfxInputError(f"cannot import {module_name!r} for factory {spec!r}: {err}") from None
+        sys.path.insert(0, str(Path.cwd()))  # 'otfx' (unlike 'python -m otfx') does not see the current folder
+        return _load_factory(spec, checkpoint, kwargs, source)
+    factory: Any = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise OtfxInputError(f"module {module_name!r} has no {attr!r}; check the factory in {spec!r}")
+    if not callable(factory):
+        raise OtfxInputError(f"{spec!r} is a {type(factory).__name__}, not a callable factory")
+    ckpt = _checkpoint_path(checkpoint)
+    kwargs = {**_sidecar_kwargs(ckpt), **kwargs}
+    try:
+        model = factory(**kwargs)
+    except TypeError as err:
+        raise OtfxInputError(f"factory {spec!r} rejected the kwargs {kwargs}: {_first_line(err)}") from None
+    if not isinstance(model, nn.Module):
+        raise OtfxInputError(f"factory {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    loaded = LoadedModel(model, "factory", source or spec, rebuild={"kind": "factory", "factory": spec,
+                                                                      "kwargs": kwargs})
+    _finish(loaded, ckpt)
+    return loaded
+
+
+def _finish(loaded: LoadedModel, ckpt: Path | None) -> None:
+    if ckpt is None:
+        loaded.notes.append(f"{loaded.source}: no --checkpoint, using the weights the constructor made")
+        return
+    load_state(loaded.model, ckpt)
+    loaded.paths.append(ckpt)
+    loaded.rebuild["checkpoint"] = str(ckpt)
+
+
+def _cwd_on_path() -> bool:
+    return "" in sys.path or str(Path.cwd()) in sys.path
+
+
+def _checkpoint_path(checkpoint: str | Path | None) -> Path | None:
+    if checkpoint is None:
+        return None
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise OtfxInputError(f"checkpoint {path} does not exist" if not path.exists()
+                             else f"checkpoint {path} is not a file (a .safetensors or .pt state dict)")
+    return path
+
+
+def _sidecar_kwargs(ckpt: Path | None) -> dict:
+    """Constructor kwargs stored next to a checkpoint as ``<stem>.json`` or ``<name>.json``."""
+    if ckpt is None:
+        return {}
+    for side in (ckpt.with_suffix(".json"), ckpt.with_name(ckpt.name + ".json")):
+        if side.is_file() and side != ckpt:
+            return _read_json(side)
+    return {}
+
+
+def read_state(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a ``torch.save`` file (optionally under 'state_dict'/'model')."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors and pickle raise many types for corrupt files
+        raise OtfxInputError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise OtfxInputError(f"checkpoint {path} is not a state dict (name -> tensor)")
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_state(model: nn.Module, path: Path) -> None:
+    """Load a checkpoint into ``model``; tied weights may appear under one name only. Misfits are errors."""
+    state = read_state(path)
+    expected = model.state_dict()
+    aliases: dict[str, set[str]] = {}
+    for names in _tied(model):
+        for n in names:
+            aliases[n] = set(names)
+    missing = [k for k in expected if k not in state and not (aliases.get(k, set()) & state.keys())]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)}"
+              for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+            if items:
+                parts.append(f"{len(items)} {what} ({'; '.join(items[:4])}{', ...' if len(items) > 4 else ''})")
+        raise OtfxInputError(f"checkpoint {path} does not fit {type(model).__name__}: {', '.join(parts)}. "
+                             "Check the model name/factory and its kwargs (--model-kwargs or a JSON sidecar)")
+    full = dict(state)
+    for k in expected:
+        if k not in full:
+            full[k] = state[next(iter(aliases[k] & state.keys()))]
+    model.load_state_dict(full, strict=True)
+
+
+def _tied(model: nn.Module) -> list[list[str]]:
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+
+def example_inputs(loaded: LoadedModel, batch: int = 2, seq: int = 16, inputs: InputSpec | None = None,
+                   seed: int = 0) -> tuple:
+    """Example inputs: from ``inputs``/``loaded.inputs`` if given, else derived from the model's config."""
+    g = torch.Generator().manual_seed(seed)
+    spec = inputs or loaded.inputs
+    if spec is not None:
+        return (_make(spec.shape, spec.dtype, spec.high or _vocab(loaded), g, loaded.source),)
+    image = _image_shape(loaded)
+    if image is not None:
+        return (torch.randn((batch, *image), generator=g),)
+    vocab = _vocab(loaded)
+    if vocab is not None:
+        limit = _max_positions(loaded)
+        return (torch.randint(0, vocab, (batch, min(seq, limit) if limit else seq), generator=g),)
+    raise OtfxInputError(f"cannot tell what inputs {loaded.source} takes (its config names no image size or vocab "
+                         "size); pass --input-shape (for example 2x3x32x32, or 2x16 with --input-dtype long "
+                         "--input-high 1000)")
+
+
+def _make(shape: tuple[int, ...], dtype: str, high: int | None, g: torch.Generator, source: str) -> torch.Tensor:
+    torch_dtype = _DTYPES[dtype]
+    if torch_dtype.is_floating_point:
+        return torch.randn(shape, generator=g).to(torch_dtype)
+    if torch_dtype == torch.bool:
+        return torch.ones(shape, dtype=torch.bool)
+    if high is None:
+        raise OtfxInputError(f"integer inputs for {source} need an upper bound: pass --input-high (the vocabulary "
+                             "size for token ids)")
+    return torch.randint(0, int(high), shape, generator=g).to(torch_dtype)
+
+
+def _config_value(loaded: LoadedModel, *names: str) -> Any:
+    for cfg in (loaded.config, getattr(loaded.model, "config", None)):
+        for name in names:
+            value = getattr(cfg, name, None) if cfg is not None else None
+            if value is not None:
+                return value
+    return None
+
+
+def _image_shape(loaded: LoadedModel) -> tuple[int, int, int] | None:
+    size = _config_value(loaded, "image_size")
+    channels = _config_value(loaded, "num_channels")
+    if size is None:  # timm-style models
+        embed = getattr(loaded.model, "patch_embed", None)
+        size = getattr(embed, "img_size", None)
+        proj = getattr(embed, "proj", None)
+        channels = getattr(proj, "in_channels", None) if size is not None else None
+        if size is None and getattr(loaded.model, "pretrained_cfg", None):
+            in_size = loaded.model.pretrained_cfg.get("input_size")
+            if in_size:
+                channels, size = in_size[0], tuple(in_size[1:])
+    if size is None:
+        return None
+    h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
+    return int(channels or 3), int(h), int(w)
+
+
+def _vocab(loaded: LoadedModel) -> int | None:
+    value = _config_value(loaded, "vocab_size")
+    return int(value) if value else None
+
+
+def _max_positions(loaded: LoadedModel) -> int | None:
+    value = _config_value(loaded, "max_position_embeddings", "n_positions")
+    return int(value) if value else None
+
+
+# ------------------------------------------------------------------------------------------------- saving
+
+
+def save_model(anchor: LoadedModel, fused: nn.Module, out_dir: str | Path, *, overwrite: bool = False,
+               extras=None, inputs: list[str | Path] = (), meta: dict | None = None) -> Path:
+    """Save ``fused`` the way ``anchor`` was saved, atomically, into ``out_dir`` (refused if it exists).
+
+    Hugging Face anchors give a ``save_pretrained`` folder (with the anchor's tokenizer); others give
+    ``model.safetensors`` + ``otfx-model.json`` so that :func:`load_model` rebuilds it. ``extras(tmp_dir)`` may
+    write more files (report, ONNX) into the folder before it is moved into place. ``inputs`` are paths never
+    to be written (the anchor's are added).
+    """
+    protected = [*inputs, *anchor.paths]
+    with atomic_dir(out_dir, overwrite, protected) as tmp:
+        info = {"format": "otfx-model", "version": 1, **{k: v for k, v in anchor.rebuild.items()
+                                                          if k != "checkpoint"}, **(meta or {})}
+        if anchor.inputs is not None:
+            info["inputs"] = asdict(anchor.inputs)
+        if anchor.kind == "hf":
+            _save_hf(anchor, fused, tmp)
+        else:
+            from safetensors.torch import save_model as save_safetensors
+
+            save_safetensors(fused, str(tmp / WEIGHTS_FILE))
+        with atomic_file(tmp / META_FILE) as handle:
+            json.dump(info, handle, indent=2, default=str)
+        if extras is not None:
+            extras(tmp)
+    return Path(out_dir)
+
+
+def _save_hf(anchor: LoadedModel, fused: nn.Module, tmp: Path) -> None:
+    model = fused
+    if not hasattr(model, "save_pretrained"):  # a plain module with the anchor's parameters
+        model = type(anchor.model)(anchor.config)
+        try:
+            model.load_state_dict(fused.state_dict(), strict=True)
+        except RuntimeError as err:
+            raise OtfxInputError(f"the fused model does not fit {type(anchor.model).__name__}: "
+                                 f"{_first_line(err)}") from None
+    model.save_pretrained(tmp)
+    if anchor.tokenizer is not None:
+        anchor.tokenizer.save_pretrained(tmp)
