@@ -83,7 +83,13 @@ def atomic_dir(out: str | Path, overwrite: bool = False, inputs: list[str | Path
             check_output_dir(out, overwrite, inputs)  # it may have appeared meanwhile
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old / "previous")
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if old is not None:  # put the previous folder back
+                os.replace(old / "previous", out)
+                shutil.rmtree(old, ignore_errors=True)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
