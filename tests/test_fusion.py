@@ -89,7 +89,9 @@ def test_align_keeps_the_function_of_an_independent_model(arch_name):
 @pytest.mark.parametrize("heads", ["cross", "aware"])
 def test_heterogeneous_fusion_takes_the_anchor_shapes(arch_name, heads):
     anchor, args = zoo.build(arch_name)
-    wide, _ = zoo.build(arch_name, seed=4, hidden=64, mlp=128)
+    # rotary embeddings fix the query/key head dim, so the wider Llama has more heads, not wider ones
+    extra = {"heads": 8, "kv_heads": 4} if arch_name == "llama" else {}
+    wide, _ = zoo.build(arch_name, seed=4, hidden=64, mlp=128, **extra)
     ta, tb = otfx.trace(anchor, args), otfx.trace(wide, args)
     fused = otfx.fuse(ta, tb, solver="sinkhorn", reg=0.05, heads=heads)
     for (name, p), q in zip(fused.named_parameters(), anchor.parameters()):
@@ -170,6 +172,13 @@ def test_token_filters_run():
     for tokens in ("cls", ("window", 2), "window:3"):
         fused = otfx.fuse(ta, tb, cost="activations", data=data_batches("hf_vit"), tokens=tokens)
         assert torch.isfinite(outputs(fused, fresh_inputs("hf_vit"))).all()
+
+
+def test_fixed_space_of_another_width_is_refused():
+    anchor, args = zoo.build("llama")
+    wide_heads, _ = zoo.build("llama", seed=1, hidden=64, mlp=128)  # head dim 16 instead of 8
+    with pytest.raises(otfx.FusionError, match="only free spaces may differ in width"):
+        otfx.fuse(otfx.trace(anchor, args), otfx.trace(wide_heads, args))
 
 
 def test_bad_input_gets_clear_errors():

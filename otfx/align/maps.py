@@ -192,8 +192,9 @@ class TransportMaps:
         if structure and structure[0] == "sum":  # block-diagonal, each block with its share of the mass
             return torch.block_diag(*[self.map(c) * (self.width(c)[0] / n_a) for c in structure[1]])
         if self.producers.get(root):
-            if structure and structure[0] == "prod" and self.config.heads == "aware":
-                return self._aware(root)
+            if structure and structure[0] == "prod" and (
+                    self.config.heads == "aware" or any(self.part.is_fixed(f) for f in self.flat_factors(root))):
+                return self._aware(root)  # head-aware, also where a fixed factor (rotary head dims) must stay put
             return self._solve(root)
         if root in self.combines:
             return self._combine(root)

@@ -20,8 +20,9 @@ def check_same_architecture(anchor: Inference, other: Inference) -> None:
                           f"{layers[1]} vs {layers[0]} weight tensors). Fusion needs the same layers in both models.")
     if a_ops != b_ops:
         at = next(i for i, (x, y) in enumerate(zip(a_ops + [""], b_ops + [""])) if x != y)
-        raise FusionError(f"{b_name} and the anchor {a_name} trace to different graphs: op {at} is "
-                          f"{b_ops[at] if at < len(b_ops) else 'missing'} vs {a_ops[at] if at < len(a_ops) else 'missing'}")
+        theirs = b_ops[at] if at < len(b_ops) else "missing"
+        ours = a_ops[at] if at < len(a_ops) else "missing"
+        raise FusionError(f"{b_name} and the anchor {a_name} trace to different graphs: op {at} is {theirs} vs {ours}")
     for fqn, axes in anchor.param_axes.items():
         b_axes = other.param_axes[fqn]
         if len(axes) != len(b_axes):
@@ -29,8 +30,9 @@ def check_same_architecture(anchor: Inference, other: Inference) -> None:
         for axis, (sa, sb) in enumerate(zip(axes, b_axes)):
             fixed = anchor.is_fixed(sa)
             if fixed and anchor.size(sa) != other.size(sb):
-                raise FusionError(f"{fqn} axis {axis} has width {other.size(sb)} in {b_name} but {anchor.size(sa)} in "
-                                  f"the anchor, and that axis cannot be aligned ({', '.join(anchor.fixed_reasons(sa)[:2])})")
+                why = ", ".join(anchor.fixed_reasons(sa)[:2])
+                raise FusionError(f"{fqn} axis {axis} has width {other.size(sb)} in {b_name} but {anchor.size(sa)} "
+                                  f"in the anchor, and that axis cannot be aligned ({why})")
     if len(anchor.spaces.coarse.parent) != len(other.spaces.coarse.parent):
         raise FusionError(f"{b_name} and the anchor {a_name} have different flow graphs")
     if _canonical(anchor) != _canonical(other):
