@@ -228,7 +228,7 @@ def _fusion_stats(fused: torch.nn.Module):
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from otfx.inspect import render_summary, write_graph
+    from otfx.inspection import render_summary, write_graph
 
     console = _Console(args.quiet)
     outputs = [p for p in (args.dot, args.graphml, args.png) if p]

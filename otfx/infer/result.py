@@ -223,7 +223,7 @@ class Inference:
                       for sid in axes] for fqn, axes in self.param_axes.items()}
 
     def summary(self) -> str:
-        from otfx.inspect import render_summary
+        from otfx.inspection import render_summary
 
         return render_summary(self)
 
