@@ -37,7 +37,12 @@ def _assert_unchanged(model: nn.Module, snap: tuple[dict[str, torch.Tensor], dic
 @slow
 @pytest.mark.parametrize("name", ZOO_MODELS)
 def test_zoo_export_and_check(name: str, tmp_path) -> None:
-    model, args = zoo.build(name)
+    """A fused model (OT fusion of two seeds, the deployment case) exports and matches onnxruntime."""
+    import otfx
+
+    parent_a, args = zoo.build(name)
+    parent_b, _ = zoo.build(name, seed=1)
+    model = otfx.fuse(otfx.trace(parent_a, args), otfx.trace(parent_b, args))
     model.train()  # the export must use eval mode without leaving the caller's model in it
     model.get_submodule(next(n for n, _ in model.named_children())).eval()  # mixed flags survive too
     snap = _snapshot(model)
