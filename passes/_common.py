@@ -55,4 +55,8 @@ def broadcast(ctx: InferContext, node: fx.Node, operands: list[fx.Node], combine
             for _, s in present[1:]:
                 ctx.link(first, s)
             out.append(first)
+            if combine:  # parameters added as they are (position tables) describe the space they write
+                for op, ax, sh in zip(operands, axes, shapes):
+                    if ax is not None and len(ax) >= offset and sh[len(sh) - offset] == out_shape[d]:
+                        ctx.write(first, op, len(ax) - offset, node)
     return out

@@ -36,6 +36,8 @@ def _join_other_axes(ctx: InferContext, node: fx.Node, tensors: list[fx.Node], s
             for s in column[1:]:
                 ctx.link(column[0], s)
             out.append(column[0])
+            for t in tensors:  # a class token concatenated as it is describes the space it writes
+                ctx.write(column[0], t, d, node)
     return out
 
 

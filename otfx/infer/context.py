@@ -82,6 +82,13 @@ class InferContext:
             self.producers.append((space, view[0], view[1][axis], node.name))
         self.records.append(Record("layer", node.name, [], space, {"weight": view[0] if view else None}))
 
+    def write(self, space: int, param: fx.Node, axis: int, node: fx.Node) -> None:
+        """Record that a parameter is added into ``space`` as it is (a class token or position table): its
+        values along ``axis`` describe the neurons of that space, like a layer's rows."""
+        view = self.param_view.get(param)
+        if view is not None and axis < len(view[1]) and view[1][axis] is not None:
+            self.producers.append((space, view[0], view[1][axis], node.name))
+
     def consume(self, weight: fx.Node, axis: int) -> None:
         """Record that ``weight``'s ``axis`` is contracted with an input activation."""
         view = self.param_view.get(weight)
