@@ -80,8 +80,8 @@ class Inference:
                      ctx.frozen_by)
         result.consumed = set(ctx.consumed)
         result.producer_list = list(ctx.producers)
-        result.node_axes = {n.name: ax for n, ax in ctx.axes.items()
-                            if isinstance(ax, list) and all(isinstance(a, int) for a in ax)}
+        result.node_axes = {n.name: ax for n, ax in ctx.axes.items()  # computed tensors, for activations
+                            if n.op == "call_function" and isinstance(ax, list) and all(isinstance(a, int) for a in ax)}
         result.roles = result._roles()
         result.flow_graph = result._flow_graph()
         return result
