@@ -166,3 +166,21 @@ def test_trace_error_gives_advice():
 
     with pytest.raises(otfx.TraceError, match="use_cache=False"):
         otfx.trace(Branchy(), (torch.randn(2, 4),))
+
+
+def test_flow_graph_has_the_papers_nodes(arch):
+    import networkx as nx
+
+    model, args = zoo.build(arch)
+    graph = otfx.analyse(model, args).flow_graph
+    kinds = Counter(d["kind"] for _, d in graph.nodes(data=True))
+    assert nx.is_directed_acyclic_graph(graph)
+    assert kinds["residual"] == 2 * LAYERS and kinds["attention"] == LAYERS, kinds
+    assert kinds["norm"] >= 2 * LAYERS
+    for node, data in graph.nodes(data=True):
+        if data["kind"] == "attention":  # q, k, v come from layers; the output goes to a layer (o_proj)
+            assert all(graph.nodes[p]["kind"] == "layer" for p in graph.predecessors(node))
+            assert [graph.nodes[s]["kind"] for s in graph.successors(node)] == ["layer"]
+        if data["kind"] == "residual":
+            assert graph.in_degree(node) == 2
+    assert nx.has_path(graph, "input", "output")

@@ -47,7 +47,7 @@ def find_matmul_attention(graph: fx.Graph, records: list[Record]) -> list[Record
         scores, mix = matmuls[src.name], matmuls[dst.name]
         found.append(Record("attention", node.name, [scores.inputs[0], scores.inputs[1], mix.output], mix.output,
                             {"heads": [scores.info["a_heads"], scores.info["b_heads"], mix.info["b_heads"]],
-                             "form": "matmul+softmax"}))
+                             "form": "matmul+softmax", "matmuls": [src.name, dst.name]}))
     return found
 
 
@@ -157,44 +157,9 @@ class Inference:
 
     # ---- flow graph ----------------------------------------------------------------------------------
     def _flow_graph(self) -> nx.DiGraph:
-        """Op-level TM flow graph: an edge carries the fine space (one transport map) between two nodes."""
-        g = nx.DiGraph()
-        consumers: dict[int, list[str]] = defaultdict(list)
-        for r in self.records:
-            if r.kind == "matmul":
-                continue
-            name = f"{r.kind}:{r.node}"
-            attrs = {"kind": r.kind, "op": r.node}
-            if r.kind == "layer":
-                attrs["weight"] = r.info.get("weight")
-            g.add_node(name, **attrs)
-            for sid in r.inputs:
-                consumers[self.fine(sid)].append(name)
-        for fqn, axes in self.param_axes.items():
-            for sid in axes[1:] if len(axes) > 1 else []:
-                consumers[self.fine(sid)].append(f"param:{fqn}")
-        for r in self.records:
-            if r.kind == "matmul" or r.output is None:
-                continue
-            src = f"{r.kind}:{r.node}"
-            space = self.fine(r.output)
-            for dst in consumers.get(space, []):
-                if dst != src and not dst.startswith("param:"):
-                    g.add_edge(src, dst, space=space, size=self.size(space))
-        # layers consume their input space through the weight's input axis
-        for r in self.records:
-            if r.kind != "layer" or not r.info.get("weight"):
-                continue
-            axes = self.param_axes.get(r.info["weight"], [])
-            for sid in axes:
-                space = self.fine(sid)
-                if space == self.fine(r.output):
-                    continue
-                for other in self.records:
-                    if other.kind != "matmul" and other.output is not None and self.fine(other.output) == space:
-                        g.add_edge(f"{other.kind}:{other.node}", f"layer:{r.node}", space=space,
-                                   size=self.size(space))
-        return g
+        from otfx.infer.flowgraph import build_flow_graph
+
+        return build_flow_graph(self.traced.graph, self.records, self.fine, self.size)
 
     # ---- reporting -----------------------------------------------------------------------------------
     def coverage(self) -> dict[str, dict]:
