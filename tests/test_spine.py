@@ -182,5 +182,5 @@ def test_flow_graph_has_the_papers_nodes(arch):
             assert all(graph.nodes[p]["kind"] == "layer" for p in graph.predecessors(node))
             assert [graph.nodes[s]["kind"] for s in graph.successors(node)] == ["layer"]
         if data["kind"] == "residual":
-            assert graph.in_degree(node) == 2
+            assert graph.in_degree(node) >= 2
     assert nx.has_path(graph, "input", "output")
