@@ -7,7 +7,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import networkx as nx
-import torch
 from torch import fx
 
 from otfx.infer.context import InferContext, Record
@@ -59,11 +58,12 @@ class Inference:
     spaces: Spaces
     param_axes: dict[str, list[int]]
     buffer_axes: dict[str, list[int]]
-    producers: dict[int, list[tuple[str, int]]]
+    #: (space, parameter, axis, node): the parameter rows that create a space (a layer's output)
+    producer_list: list[tuple[int, str, int, str]]
     records: list[Record]
     frozen_by: list[tuple[str, str, bool, list[int]]]
+    #: parameter axes contracted with an input activation (a layer's input side)
     consumed: set[tuple[str, int]] = field(default_factory=set)
-    producer_list: list[tuple[int, str, int, str]] = field(default_factory=list)
     node_axes: dict[str, list[int]] = field(default_factory=dict)
     roles: dict[int, str] = field(default_factory=dict)
     flow_graph: nx.DiGraph = field(default_factory=nx.DiGraph)
@@ -71,15 +71,8 @@ class Inference:
     @classmethod
     def build(cls, traced: Traced, ctx: InferContext) -> Inference:
         records = ctx.records + find_matmul_attention(traced.graph, ctx.records)
-        fine = ctx.spaces.fine
-        producers: dict[int, list[tuple[str, int]]] = defaultdict(list)
-        for space, fqn, axis, _node in ctx.producers:
-            if (fqn, axis) not in producers[fine.find(space)]:
-                producers[fine.find(space)].append((fqn, axis))
-        result = cls(traced, ctx.spaces, ctx.param_axes, ctx.buffer_axes, dict(producers), records,
-                     ctx.frozen_by)
-        result.consumed = set(ctx.consumed)
-        result.producer_list = list(ctx.producers)
+        result = cls(traced, ctx.spaces, ctx.param_axes, ctx.buffer_axes, list(ctx.producers), records,
+                     ctx.frozen_by, set(ctx.consumed))
         result.node_axes = {n.name: ax for n, ax in ctx.axes.items()  # computed tensors, for activations
                             if n.op == "call_function" and isinstance(ax, list) and all(isinstance(a, int) for a in ax)}
         result.roles = result._roles()
@@ -183,16 +176,8 @@ class Inference:
             entry["params"] = sorted(set(entry["params"]) | set(params))
         return report
 
-    def permutable_params(self) -> dict[str, list[bool]]:
-        return {fqn: [any(not self.is_fixed(leaf) and self.size(leaf) > 1 for leaf in self.leaves(sid))
-                      for sid in axes] for fqn, axes in self.param_axes.items()}
-
     def summary(self) -> str:
         from otfx.inspection import render_summary
 
         return render_summary(self)
 
-
-def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
-    val = node.meta.get("val")
-    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
