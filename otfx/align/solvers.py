@@ -18,7 +18,7 @@ from scipy.optimize import linear_sum_assignment
 
 BREAKDOWN_TOL = 1e-3  # relative L1 marginal error above which a plan is rejected
 EMD_MAX_ITER = 10_000_000  # network-simplex iterations; POT's 1e5 default can stop early at n >= 3072
-BATCH_BYTES = 8_000_000  # solve_batch iterates this many bytes of kernels at once (bigger chunks leave cache)
+BATCH_BYTES = 16_000_000  # solve_batch iterates this many bytes of kernels at once (8-16 MB was fastest)
 
 
 class OTFallbackWarning(UserWarning):
@@ -45,7 +45,8 @@ class RawPlan:
     numerical: bool = False  # the solver hit under/overflow (as opposed to running out of iterations)
 
 
-# solver(cost, a, b, reg=, max_iter=, tol=): cost is normalised float64 (n x m), a and b are positive float64.
+# solver(cost, a, b, reg=, max_iter=, tol=): cost is normalised float64 (n x m) and the solver's to overwrite;
+# a and b are positive float64 with equal sums.
 Solver = Callable[..., RawPlan]
 SOLVERS: dict[str, Solver] = {}
 # Where a solver goes after a *numerical* breakdown. An unconverged plan goes straight to EMD: a log-domain
@@ -67,9 +68,14 @@ def register(name: str, fallback: str | None = None) -> Callable[[Solver], Solve
 
 def normalise_cost(cost: torch.Tensor) -> torch.Tensor:
     """(M - min) / (max - min); a constant cost becomes all zeros."""
-    lo, hi = cost.amin(dim=(-2, -1), keepdim=True), cost.amax(dim=(-2, -1), keepdim=True)
+    return _normalise(cost, cost.amin(dim=(-2, -1), keepdim=True), cost.amax(dim=(-2, -1), keepdim=True))
+
+
+def _normalise(cost: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    # One fresh buffer (page faults on big new tensors cost more than the arithmetic); a float64 ``lo`` makes a
+    # float32 cost come out as float64 without a separate conversion.
     span = hi - lo
-    return (cost - lo) / torch.where(span > 0, span, 1)  # constant: (cost - lo) is already 0
+    return torch.sub(cost, lo).div_(torch.where(span > 0, span, 1))  # constant: (cost - lo) is already 0
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
@@ -139,51 +145,53 @@ def _sinkhorn_pot_log(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, r
 
 
 # ---------------------------------------------------------------------------------------------- torch Sinkhorn
-# Both domains are batched (k x n x m) and iterate on the row potential f = log u. ``sweep`` is one Sinkhorn
-# iteration f -> G(f) (column update, then row update) and also returns the row sums of the plan at f, whose
-# columns are exact, so the L1 row error is the whole marginal error and costs nothing extra.
+# Both domains are batched (k x n x m, marginals k x n and k x m) and iterate on the row potential f = log u.
+# ``sweep`` is one Sinkhorn iteration f -> G(f) (column update, then row update) and also returns the row sums
+# of the plan at f, whose columns are exact, so the L1 row error is the whole marginal error at no extra cost.
 
 
 class _Scaling:
     """Plain Sinkhorn: P = diag(u) K diag(v). Rows/columns are min-shifted first (same plan), so K has a 1 in
     every row and column and cannot produce the all-zero plan of the reference code."""
 
-    def __init__(self, cost: torch.Tensor, reg: float) -> None:
-        reduced = cost - cost.amin(2, keepdim=True)
-        self.K = reduced.sub_(reduced.amin(1, keepdim=True)).mul_(-1 / reg).exp_()
+    def __init__(self, cost: torch.Tensor, reg: float, a: torch.Tensor, b: torch.Tensor) -> None:
+        cost.sub_(cost.amin(2, keepdim=True))  # in place: a fresh big buffer costs more in page faults
+        self.K = cost.sub_(cost.amin(1, keepdim=True)).mul_(-1 / reg).exp_()
+        self.a, self.b, self.log_a = a, b, torch.log(a)
 
-    def _v(self, u: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return b / torch.bmm(u[:, None, :], self.K)[:, 0, :]
+    def _v(self, u: torch.Tensor) -> torch.Tensor:
+        return self.b / torch.bmm(u[:, None, :], self.K)[:, 0, :]
 
-    def sweep(self, f: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sweep(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         u = torch.exp(f)
-        kv = torch.bmm(self.K, self._v(u, b)[:, :, None])[:, :, 0]
-        return torch.log(a) - torch.log(kv), u * kv
+        kv = torch.bmm(self.K, self._v(u)[:, :, None])[:, :, 0]
+        return self.log_a - torch.log(kv), u * kv
 
-    def plan(self, f: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def plan(self, f: torch.Tensor) -> torch.Tensor:
         u = torch.exp(f)
-        v = self._v(u, b)
+        v = self._v(u)
         return self.K.mul_(u[:, :, None]).mul_(v[:, None, :])  # the kernel is not needed any more
 
 
 class _Log:
     """Log-domain Sinkhorn: never under/overflows, ~10x slower per iteration."""
 
-    def __init__(self, cost: torch.Tensor, reg: float) -> None:
-        self.S = cost / -reg
+    def __init__(self, cost: torch.Tensor, reg: float, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.S = cost.mul_(-1 / reg)
+        self.a, self.log_a, self.log_b = a, torch.log(a), torch.log(b)
 
-    def _g(self, f: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.log(b) - torch.logsumexp(self.S + f[:, :, None], 1)
+    def _g(self, f: torch.Tensor) -> torch.Tensor:
+        return self.log_b - torch.logsumexp(self.S + f[:, :, None], 1)
 
-    def sweep(self, f: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lse = torch.logsumexp(self.S + self._g(f, b)[:, None, :], 2)
-        return torch.log(a) - lse, torch.exp(f + lse)
+    def sweep(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lse = torch.logsumexp(self.S + self._g(f)[:, None, :], 2)
+        return self.log_a - lse, torch.exp(f + lse)
 
-    def plan(self, f: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.exp(self.S + f[:, :, None] + self._g(f, b)[:, None, :])
+    def plan(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.S + f[:, :, None] + self._g(f)[:, None, :])
 
 
-def _sinkhorn_driver(dom: _Scaling | _Log, a: torch.Tensor, b: torch.Tensor, max_iter: int, tol: float,
+def _sinkhorn_driver(dom: _Scaling | _Log, max_iter: int, tol: float,
                      memory: int = 15) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched Sinkhorn with Anderson acceleration: plans (k x n x m), iterations (k,), blew-up flags (k,).
 
@@ -194,17 +202,17 @@ def _sinkhorn_driver(dom: _Scaling | _Log, a: torch.Tensor, b: torch.Tensor, max
     history is forgotten; after 5 such rejections it runs plain. A plain sweep that under/overflows is a
     numerical breakdown. Returns the plan at the best iterate; problems of a batch are independent.
     """
+    a = dom.a
     k, n = a.shape
     flags = torch.zeros(k, dtype=torch.bool, device=a.device)
     f = best_f = best_g = torch.zeros_like(a)
     best_err = torch.full((k,), math.inf, dtype=a.dtype, device=a.device)
     blew_up, plain_only, was_plain = flags, flags, ~flags
     rejects = torch.zeros(k, dtype=torch.long, device=a.device)
-    iters = torch.full((k,), max_iter, dtype=torch.long, device=a.device)
-    tol_k = tol * a.sum(1)
+    tol_k, stops = tol * a.sum(1), []
     hist_g = hist_r = a[:, :, None][:, :, :0]  # k x n x (<= memory + 1) past sweeps and residuals
     for it in range(max_iter + 1):
-        g, mass = dom.sweep(f, a, b)
+        g, mass = dom.sweep(f)
         err = (mass - a).abs().sum(1)
         ok = torch.isfinite(err) & torch.isfinite(g).all(1)
         err = torch.where(ok, err, math.inf)
@@ -213,9 +221,10 @@ def _sinkhorn_driver(dom: _Scaling | _Log, a: torch.Tensor, b: torch.Tensor, max
         best_f, best_g = torch.where(better[:, None], f, best_f), torch.where(better[:, None], g, best_g)
         best_err = torch.where(better, err, best_err)
         stop = (err <= tol_k) | blew_up
-        iters = torch.where(stop & (iters == max_iter), it + 1, iters)  # sweeps done
+        stops.append(stop)
         if it == max_iter or bool(stop.all()):
             break
+        g = torch.where(ok[:, None], g, best_g)  # keep NaN/inf out of the history (blown-up problems)
         bad = ~stop & ~(err <= 10 * best_err)
         if bool(bad.any()):  # reject the accelerated iterate: restart from the best one, history forgotten
             f, g = torch.where(bad[:, None], best_f, f), torch.where(bad[:, None], best_g, g)
@@ -234,10 +243,11 @@ def _sinkhorn_driver(dom: _Scaling | _Log, a: torch.Tensor, b: torch.Tensor, max
         gram = d_r.transpose(1, 2) @ d_r
         ridge = 1e-10 * gram.diagonal(dim1=1, dim2=2).mean(1) + 1e-300
         gram.diagonal(dim1=1, dim2=2).add_(ridge[:, None])
-        gamma = torch.linalg.solve(gram, d_r.transpose(1, 2) @ hist_r[:, :, -1:])
+        gamma = torch.linalg.solve_ex(gram, d_r.transpose(1, 2) @ hist_r[:, :, -1:])[0]  # a bad step is caught
         mixed = g - (d_g @ gamma)[:, :, 0]
         f = torch.where(stop[:, None], f, torch.where(plain_only[:, None], g, mixed))
-    return dom.plan(best_f, b), iters, blew_up
+    done = torch.stack(stops + [~flags])  # sweeps done: 1 + first iteration that stopped
+    return dom.plan(best_f), (done.int().argmax(0) + 1).clamp(max=max_iter), blew_up
 
 
 def _torch_sinkhorn(domain: type[_Scaling] | type[_Log], cost: torch.Tensor, a: torch.Tensor,
@@ -245,7 +255,7 @@ def _torch_sinkhorn(domain: type[_Scaling] | type[_Log], cost: torch.Tensor, a: 
     """Run a torch domain on a batch (k x n x m) with marginals (k x n), (k x m); one RawPlan per problem."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plans, iters, blew_up = _sinkhorn_driver(domain(cost, reg), a, b, max_iter, tol)
+        plans, iters, blew_up = _sinkhorn_driver(domain(cost, reg, a, b), max_iter, tol)
     raws = []
     for plan, it, bad in zip(plans, iters.tolist(), blew_up.tolist(), strict=True):
         notes = [f"scalings under/overflowed at iteration {it}; kept the best finite iterate"] if bad else []
@@ -272,15 +282,18 @@ _BATCHED = {"sinkhorn_torch": _Scaling, "sinkhorn_torch_log": _Log}
 # ----------------------------------------------------------------------------------------------------- driver
 
 
-def _breakdown(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[float, str | None, bool]:
-    """Relative L1 marginal error, why the plan is unusable (None if usable) and whether that is numerical."""
+def _breakdown(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[float, str | None, bool, float]:
+    """Relative L1 marginal error, why the plan is unusable (None if usable), whether that is numerical, and
+    the plan's sharpness."""
     rows, cols = plan.sum(1), plan.sum(0)  # entries are >= 0, so a NaN/inf entry shows in the sums
     if not bool(torch.isfinite(rows).all() and torch.isfinite(cols).all()):
-        return math.inf, "non-finite entries", True
-    if not bool((rows > 0).any()):
-        return math.inf, "all-zero plan", True
+        return math.inf, "non-finite entries", True, 0.0
+    keep = rows > 0
+    if not bool(keep.any()):
+        return math.inf, "all-zero plan", True, 0.0
     err = float(((rows - a).abs().sum() + (cols - b).abs().sum()) / a.sum())
-    return err, (f"marginal error {err:.2g} > {BREAKDOWN_TOL:g}" if err > BREAKDOWN_TOL else None), False
+    sharpness = float((plan.amax(1)[keep] / rows[keep]).mean())
+    return err, (f"marginal error {err:.2g} > {BREAKDOWN_TOL:g}" if err > BREAKDOWN_TOL else None), False, sharpness
 
 
 def _marginals(cost: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -300,19 +313,18 @@ def _marginals(cost: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | Non
     return a, b
 
 
-def _check_cost(cost: torch.Tensor) -> torch.Tensor:
+def _prepare(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised float64 cost and the raw per-problem (min, max) as float64 (k x 2); rejects NaN/inf."""
     if cost.dim() < 2 or 0 in cost.shape:
         raise ValueError(f"cost must be a non-empty matrix, got shape {tuple(cost.shape)}")
-    cost = cost.detach().to(torch.float64)
-    if not math.isfinite(float(cost.sum())):  # cheaper than isfinite(); only overflow gives a false alarm
+    cost = cost.detach()
+    if not cost.is_floating_point():
+        cost = cost.to(torch.float64)
+    lo = cost.amin(dim=(-2, -1), keepdim=True).to(torch.float64)  # min/max propagate NaN
+    hi = cost.amax(dim=(-2, -1), keepdim=True).to(torch.float64)
+    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise ValueError("cost has NaN or inf entries")
-    return cost
-
-
-def _sharpness(plan: torch.Tensor) -> float:
-    rows = plan.sum(1)
-    keep = rows > 0
-    return float((plan.amax(1)[keep] / rows[keep]).mean()) if bool(keep.any()) else 0.0
+    return _normalise(cost, lo, hi), torch.stack([lo.flatten(), hi.flatten()], 1)
 
 
 def _pick(method: str, a: torch.Tensor, b: torch.Tensor, exact_fast: bool) -> str:
@@ -323,30 +335,42 @@ def _pick(method: str, a: torch.Tensor, b: torch.Tensor, exact_fast: bool) -> st
     return method
 
 
-def _finish(raw: RawPlan, method: str, cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, reg: float,
-            max_iter: int, tol: float, exact_fast: bool, cost_range: tuple[float, float],
-            history: list[str]) -> tuple[torch.Tensor, PlanInfo]:
+@dataclass
+class _Job:
+    """One problem on its way down the fallback chain."""
+
+    fresh_cost: Callable[[], torch.Tensor]  # a new normalised cost (solvers may overwrite theirs)
+    a: torch.Tensor
+    b: torch.Tensor
+    reg: float
+    max_iter: int
+    tol: float
+    exact_fast: bool
+    cost_range: tuple[float, float]
+
+
+def _finish(raw: RawPlan, method: str, job: _Job, history: list[str]) -> tuple[torch.Tensor, PlanInfo]:
     """Check a solver's plan; on breakdown warn and continue down the fallback chain."""
     notes = history + [f"{method}: {s}" for s in raw.notes]
-    err, reason, numerical = _breakdown(raw.plan, a, b)
-    if reason is None and history and err > tol * 1.01:  # a fallback must converge, else on to EMD
+    err, reason, numerical, sharpness = _breakdown(raw.plan, job.a, job.b)
+    if reason is None and history and err > job.tol * 1.01:  # a fallback must converge, else on to EMD
         reason = f"fallback not converged (marginal error {err:.2g})"
     if reason is None:
         exact = method in ("emd", "lsa")
-        converged = err <= (1e-9 if exact else tol * 1.01)
+        converged = err <= (1e-9 if exact else job.tol * 1.01)
         if not converged:
             notes.append(f"{method}: not converged, marginal error {err:.2g} after {raw.iterations} iterations")
-        info = PlanInfo(method, 0 if exact else raw.iterations, converged, _sharpness(raw.plan), cost_range, notes)
+        info = PlanInfo(method, 0 if exact else raw.iterations, converged, sharpness, job.cost_range, notes)
         return raw.plan, info
     if method in ("emd", "lsa"):
         raise RuntimeError(f"exact OT solver {method!r} failed ({reason}); notes: {notes}")
     numerical = numerical or raw.numerical
-    nxt = _pick(FALLBACK.get(method, "emd") if numerical else "emd", a, b, exact_fast)
+    nxt = _pick(FALLBACK.get(method, "emd") if numerical else "emd", job.a, job.b, job.exact_fast)
     why = f"{reason}{', after under/overflow' if numerical and 'non-finite' not in reason else ''}"
-    msg = f"OT solver {method!r} broke down at reg={reg:g} ({why}); falling back to {nxt!r}"
+    msg = f"OT solver {method!r} broke down at reg={job.reg:g} ({why}); falling back to {nxt!r}"
     warnings.warn(msg, OTFallbackWarning, stacklevel=3)
-    raw = SOLVERS[nxt](cost, a, b, reg=reg, max_iter=max_iter, tol=tol)
-    return _finish(raw, nxt, cost, a, b, reg, max_iter, tol, exact_fast, cost_range, notes + [msg])
+    raw = SOLVERS[nxt](job.fresh_cost(), job.a, job.b, reg=job.reg, max_iter=job.max_iter, tol=job.tol)
+    return _finish(raw, nxt, job, notes + [msg])
 
 
 def solve(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *,
@@ -360,23 +384,22 @@ def solve(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | N
     torch Sinkhorn, on the cost's device) or "sinkhorn_torch_log". ``tol`` bounds the relative L1 marginal error.
     A broken plan triggers an ``OTFallbackWarning`` and the next solver (log-domain, then EMD).
     """
-    cost = _check_cost(cost)
     if cost.dim() != 2:
         raise ValueError(f"solve takes one n x m cost, got shape {tuple(cost.shape)}; see solve_batch")
-    a, b = _marginals(cost, a, b)
-    cost_range = (float(cost.min()), float(cost.max()))
-    norm = normalise_cost(cost)
+    norm, lo_hi = _prepare(cost)
+    a, b = _marginals(norm, a, b)
+    cost_range = (float(lo_hi[0, 0]), float(lo_hi[0, 1]))
     rows, cols = a > 0, b > 0
     if not bool(rows.all() and cols.all()):  # zero-mass rows/columns: solve on the support, embed
         plan, info = solve(norm[rows][:, cols], a[rows], b[cols], method=method, reg=reg, max_iter=max_iter,
                            tol=tol, exact_fast=exact_fast)
         full = torch.zeros_like(norm)
         full[rows.nonzero()[:, 0][:, None], cols.nonzero()[:, 0][None, :]] = plan
-        info.cost_range, info.sharpness = cost_range, _sharpness(full)
+        info.cost_range, info.sharpness = cost_range, _breakdown(full, a, b)[3]
         return full, info
     method = _pick(method, a, b, exact_fast)
-    raw = SOLVERS[method](norm, a, b, reg=reg, max_iter=max_iter, tol=tol)
-    return _finish(raw, method, norm, a, b, reg, max_iter, tol, exact_fast, cost_range, [])
+    job = _Job(lambda: _prepare(cost)[0], a, b, reg, max_iter, tol, exact_fast, cost_range)
+    return _finish(SOLVERS[method](norm, a, b, reg=reg, max_iter=max_iter, tol=tol), method, job, [])
 
 
 def solve_batch(costs: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *,
@@ -400,13 +423,11 @@ def solve_batch(costs: torch.Tensor, a: torch.Tensor | None = None, b: torch.Ten
     infos: list[PlanInfo] = []
     per = max(1, BATCH_BYTES // (8 * n * m))
     for start in range(0, k, per):
-        chunk = _check_cost(costs[start:start + per])
-        norm = normalise_cost(chunk)
-        kk = len(chunk)
+        norm, lo_hi = _prepare(costs[start:start + per])
+        kk = len(norm)
         raws = _torch_sinkhorn(_BATCHED[method], norm, a.expand(kk, -1), b.expand(kk, -1), reg, max_iter, tol)
-        lo, hi = chunk.amin((1, 2)).tolist(), chunk.amax((1, 2)).tolist()
-        for j, raw in enumerate(raws):
-            out[start + j], info = _finish(raw, method, norm[j], a, b, reg, max_iter, tol, exact_fast,
-                                           (lo[j], hi[j]), [])
+        for j, (raw, (lo, hi)) in enumerate(zip(raws, lo_hi.tolist(), strict=True)):
+            job = _Job(lambda i=start + j: _prepare(costs[i])[0], a, b, reg, max_iter, tol, exact_fast, (lo, hi))
+            out[start + j], info = _finish(raw, method, job, [])
             infos.append(info)
     return out, infos
