@@ -14,13 +14,13 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 import otfx
-from otfx.io import OtfxInputError, atomic_dir, check_output_dir
+from otfx.io import OtfxInputError, atomic_dir, check_output_dir, quiet_hf_progress
 from otfx.io.data import load_data, load_labelled
 from otfx.io.models import InputSpec, LoadedModel, example_inputs, load_model, save_model
 from otfx.io.report import FusionReport, write_report
@@ -47,23 +47,6 @@ class _Console:
 
         # delay: only steps that take more than a second show a bar
         return tqdm(items, desc=desc, disable=self.quiet, delay=1.0, file=sys.stderr, leave=False)
-
-
-@contextlib.contextmanager
-def _hf_bars() -> Iterator[None]:
-    """Silence transformers' own progress bars (ours cover loading), restoring the setting afterwards."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        yield
-        return
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
 
 
 def _input_spec(args: argparse.Namespace) -> InputSpec | None:
@@ -628,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handled = _handled_errors()
     try:
-        with _hf_bars():
+        with quiet_hf_progress():
             return int(args.run(args) or 0)
     except BrokenPipeError:  # stdout closed early (| head): not an error
         with contextlib.suppress(OSError):

@@ -7,7 +7,6 @@ batch order (and masks), so two parents that differ only in their seeds differ i
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -24,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from otfx.io import quiet_hf_progress
 
 from .data import Split, cache_root
 
@@ -148,6 +149,19 @@ class Curve:
     acc: dict[str, list[float]] = field(default_factory=dict)
 
 
+def _step(model: nn.Module, opt: torch.optim.Optimizer, sched, loss: torch.Tensor, clip: float | None,
+          log: list[float] | None) -> None:
+    """One optimiser step with optional gradient-norm clipping and loss logging."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    sched.step()
+    if log is not None:
+        log.append(loss.detach().item())
+
+
 def _fit(model: nn.Module, split: Split, *, steps: int, lr: float, wd: float, batch: int, seed: int,
          warmup: float, clip: float | None, eval_at: Sequence[int], eval_parts: Sequence[str],
          progress: bool | str, log: list[float] | None) -> Curve:
@@ -172,14 +186,7 @@ def _fit(model: nn.Module, split: Split, *, steps: int, lr: float, wd: float, ba
     for step in range(1, steps + 1):
         b = next(idx)
         loss = F.cross_entropy(_logits(model, split.x_train[b]), split.y_train[b])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        sched.step()
-        if log is not None:
-            log.append(loss.detach().item())
+        _step(model, opt, sched, loss, clip, log)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.detach().item():.3f}", refresh=False)
         bar.update()
@@ -255,14 +262,7 @@ def train_mlm(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *
         except StopIteration as e:
             raise ValueError(f"batches ran out after {step - 1} of {steps} steps: too few batches") from e
         loss, _ = mlm_loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        sched.step()
-        if log is not None:
-            log.append(loss.detach().item())
+        _step(model, opt, sched, loss, clip, log)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.detach().item():.3f}", refresh=False)
         bar.update()
@@ -289,19 +289,6 @@ def evaluate_mlm_loss(model: nn.Module, batches: Iterable[Mapping[str, torch.Ten
 
 # ----------------------------------------------------------------------------------------------- caching
 
-
-@contextlib.contextmanager
-def _quiet_hf() -> Iterator[None]:
-    """Hide transformers' per-file progress bars ("Writing model shards", "Loading weights")."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
 
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:
@@ -339,7 +326,7 @@ def cached_parent(name: str, build_fn: Callable[[], nn.Module],
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "parents"
     path = root / parent_key(name, model, seed, extra)
     if (path / "meta.json").is_file():
-        with _quiet_hf():
+        with quiet_hf_progress():
             return type(model).from_pretrained(path).eval()
     t0 = time.perf_counter()
     trained = train_fn(model)
@@ -348,7 +335,7 @@ def cached_parent(name: str, build_fn: Callable[[], nn.Module],
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{path.name}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    with _quiet_hf():
+    with quiet_hf_progress():
         trained.save_pretrained(tmp)  # safetensors
     meta = {"name": name, "seed": seed, "extra": dict(extra or {}), "train_seconds": round(seconds, 2),
             "class": type(trained).__name__}
