@@ -12,7 +12,7 @@ from otfx.align.activations import collect
 from otfx.align.config import FusionConfig, FusionError
 from otfx.align.maps import TransportMaps
 from otfx.align.match import check_same_architecture
-from otfx.align.rewrite import aligned_params, unique_params
+from otfx.align.rewrite import rewrite_params
 from otfx.api import analyse
 from otfx.infer.result import Inference
 from otfx.trace import Traced, main_output, trace
@@ -66,10 +66,36 @@ def _write(model: nn.Module, values: dict[str, torch.Tensor]) -> nn.Module:
     return model
 
 
-def compute_maps(anchor: Inference, other: Inference, config: FusionConfig, data=None) -> TransportMaps:
+def _blend_into(dest: torch.Tensor, acc: torch.Tensor | None, anchor: torch.Tensor, w_anchor: float,
+                value: torch.Tensor, w_value: float, chunk: int = 1 << 22) -> None:
+    """dest = (acc, or w_anchor * anchor) + w_value * value, summed in float64 ``chunk`` elements at a time
+    (no float64 copy of a whole embedding table)."""
+    if not dest.is_contiguous() or dest.numel() <= chunk:
+        total = acc if acc is not None else anchor.to(torch.float64, copy=True).mul_(w_anchor)
+        dest.copy_(total.add_(value, alpha=w_value))
+        return
+    dest_flat, value_flat, anchor_flat = dest.view(-1), value.reshape(-1), anchor.reshape(-1)
+    acc_flat = acc.reshape(-1) if acc is not None else None
+    for start in range(0, dest_flat.numel(), chunk):
+        part = slice(start, start + chunk)
+        total = acc_flat[part] if acc_flat is not None else anchor_flat[part].to(torch.float64, copy=True)
+        if acc_flat is None:
+            total.mul_(w_anchor)
+        dest_flat[part].copy_(total.add_(value_flat[part], alpha=w_value))
+
+
+def compute_maps(anchor: Inference, other: Inference, config: FusionConfig, data=None,
+                 timings: dict[str, float] | None = None, release: bool = False) -> TransportMaps:
+    """Transport maps from ``other`` to ``anchor`` (computed on demand); activations are collected first where
+    the configuration reads them (their time is added to ``timings["collect"]``). ``release``: drop each plan
+    once the rewrite no longer needs it (``maps.maps`` is then incomplete afterwards)."""
     maps = TransportMaps(anchor, other, config)
+    maps.release = release
     if data is not None and (config.cost == "activations" or config.residual.startswith("weighted")):
+        t0 = time.perf_counter()
         _activations(anchor, other, maps, data)
+        if timings is not None:
+            timings["collect"] = timings.get("collect", 0.0) + time.perf_counter() - t0
     return maps
 
 
@@ -93,19 +119,34 @@ def fuse(*models, args: tuple | None = None, kwargs: dict | None = None, cost: s
     timings["trace_and_infer"] = time.perf_counter() - start
     anchor = inferences[0]
     weights_n = config.model_weights(len(models))
-    names = unique_params(anchor)
     anchor_params = anchor.traced.parameters()
-    total = {fqn: anchor_params[fqn].detach().double() * weights_n[0] for fqn in names}
+    fused = copy.deepcopy(anchor.traced.model)
+    fused_params = dict(fused.named_parameters(remove_duplicate=False))
+    # float64 sums, one tensor at a time: w0 * anchor + w1 * aligned_1 + ...; with two models no tensor outlives
+    # its own rewrite, with more the partial sums wait for the next model
+    partial: dict[str, torch.Tensor] = {}
     stats = []
+    last = len(inferences) - 1
     for k, other in enumerate(inferences[1:], start=1):
         t0 = time.perf_counter()
-        maps = compute_maps(anchor, other, config, data)
-        aligned = aligned_params(maps)
+        maps = compute_maps(anchor, other, config, data, timings, release=True)
+
+        def sink(fqn: str, value: torch.Tensor, k: int = k) -> None:
+            acc = partial.pop(fqn, None)
+            if k == last:
+                _blend_into(fused_params[fqn], acc, anchor_params[fqn].detach(), weights_n[0], value, weights_n[k])
+            else:
+                if acc is None:
+                    acc = anchor_params[fqn].detach().to(torch.float64, copy=True).mul_(weights_n[0])
+                partial[fqn] = acc.add_(value, alpha=weights_n[k])
+
+        with torch.no_grad():
+            rewrite_params(maps, sink)
         timings[f"align_model_{k}"] = time.perf_counter() - t0
-        for fqn in names:
-            total[fqn] += weights_n[k] * aligned[fqn]
+        for stage, seconds in maps.timings.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
         stats.extend({"model": k, **vars(s)} for s in maps.stats)
-    fused = _write(copy.deepcopy(anchor.traced.model), total)
+        del maps
     timings["total"] = time.perf_counter() - start
     fused.otfx_report = {"config": vars(config), "maps": stats, "timings": timings}
     return fused
@@ -125,8 +166,10 @@ def align(model, to, *, args: tuple | None = None, kwargs: dict | None = None, c
     anchor, other = _analysed([to, model], args, kwargs)
     _check_inputs([anchor, other])
     maps = compute_maps(anchor, other, config, data)
-    aligned = aligned_params(maps)
-    result = _write(copy.deepcopy(anchor.traced.model), aligned)
+    result = copy.deepcopy(anchor.traced.model)
+    params = dict(result.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        rewrite_params(maps, lambda fqn, value: params[fqn].copy_(value))
     result.otfx_report = {"config": vars(config), "maps": [vars(s) for s in maps.stats]}
     return result
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from otfx.align.maps import TransportMaps, apply_map
+from otfx.align.maps import TransportMaps
 
 
 def unique_params(inference) -> list[str]:
@@ -19,14 +21,15 @@ def unique_params(inference) -> list[str]:
     return names
 
 
+def rewrite_params(maps: TransportMaps, sink: Callable[[str, torch.Tensor], None]) -> None:
+    """Call ``sink(fqn, tensor)`` once per parameter (tied ones once) with the other model's tensor moved to the
+    anchor's spaces, in the maps' compute dtype, as soon as its maps are known (see ``TransportMaps.rewrite``).
+    A tensor may alias the other model's parameter (when no axis moves): do not modify it in place."""
+    maps.rewrite(unique_params(maps.anchor), sink)
+
+
 def aligned_params(maps: TransportMaps) -> dict[str, torch.Tensor]:
-    """The other model's parameters expressed in the anchor's spaces (float64, anchor shapes)."""
-    anchor = maps.anchor
+    """The other model's parameters expressed in the anchor's spaces (float64, anchor shapes, graph order)."""
     out: dict[str, torch.Tensor] = {}
-    for fqn in unique_params(anchor):
-        value = maps.params_other[fqn].double()
-        for axis, sid in enumerate(anchor.param_axes[fqn]):
-            side = "in" if (fqn, axis) in anchor.consumed else "out"
-            value = apply_map(value, axis, maps.map(sid), side)
-        out[fqn] = value
-    return out
+    rewrite_params(maps, lambda fqn, value: out.__setitem__(fqn, value.to(torch.float64, copy=True)))
+    return {fqn: out[fqn] for fqn in unique_params(maps.anchor)}
