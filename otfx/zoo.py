@@ -164,6 +164,25 @@ def matmul_encoder(seed: int = 0, hidden: int = 32, layers: int = 2, heads: int 
     return _randomise(MatmulEncoder(hidden, layers, heads, mlp).eval(), seed)
 
 
+class TorchEncoder(nn.Module):
+    """``nn.TransformerEncoder`` (nn.MultiheadAttention's packed in_proj layout) over token embeddings."""
+
+    def __init__(self, dim: int = 32, layers: int = 2, heads: int = 4, mlp: int = 64, classes: int = 10):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, mlp, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(ids)))
+
+
+def torch_encoder(seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 4, mlp: int = 64) -> nn.Module:
+    torch.manual_seed(seed)
+    return _randomise(TorchEncoder(hidden, layers, heads, mlp).eval(), seed)
+
+
 def _randomise(model: nn.Module, seed: int) -> nn.Module:
     """Give every parameter distinct random values (freshly initialised norms are all ones and zeros)."""
     g = torch.Generator().manual_seed(10_000 + seed)
@@ -183,6 +202,7 @@ ZOO: dict[str, ZooEntry] = {
     "timm_vit_unfused": ZooEntry(lambda **kw: timm_vit(fused_attn=False, **kw), _image_inputs, False),
     "vit_pytorch": ZooEntry(vit_pytorch, _image_inputs, False),
     "matmul_encoder": ZooEntry(matmul_encoder, _token_inputs, True),
+    "torch_encoder": ZooEntry(torch_encoder, _token_inputs, True),
 }
 
 

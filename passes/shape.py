@@ -9,7 +9,6 @@ from otfx.passes._common import arg, dim_index
 from torch import fx
 
 from otfx.infer.context import InferContext
-from otfx.infer.spaces import align_groups
 
 aten = torch.ops.aten
 
@@ -17,35 +16,63 @@ aten = torch.ops.aten
 @register(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
           aten.unflatten.int, aten.view_as.default, aten.reshape_as.default)
 def reshape(ctx: InferContext, node: fx.Node) -> None:
+    """Both shapes are cut into their common refinement (atoms): an axis spanning several atoms is their
+    product, e.g. [seq, batch, heads*dim] -> [seq, batch*heads, dim] gives atoms batch, heads, dim."""
     x = node.args[0]
     in_axes, in_shape, out_shape = ctx.axes_of(x), ctx.shape(x), ctx.shape(node)
-    ins = [(i, s) for i, s in enumerate(in_shape) if s != 1]
-    outs = [(j, s) for j, s in enumerate(out_shape) if s != 1]
-    groups = align_groups([s for _, s in ins], [s for _, s in outs], "prod")
-    if groups is None:
+    ins = [i for i, s in enumerate(in_shape) if s != 1]
+    outs = [j for j, s in enumerate(out_shape) if s != 1]
+    runs_in, runs_out, atoms = _refinement([in_shape[i] for i in ins], [out_shape[j] for j in outs])
+    if atoms is None:
         ctx.fix_node(node, f"reshape {in_shape} -> {out_shape} mixes axes", unknown=False)
         return
     spaces = ctx.spaces
-    out_axes: list[int | None] = [None] * len(out_shape)
-    for left, right in groups:
-        src = [in_axes[ins[i][0]] for i in left]
-        dst = [outs[j][0] for j in right]
-        if len(src) == 1 and len(dst) == 1:
-            out_axes[dst[0]] = src[0]
-        elif len(src) == 1:
-            parts = [spaces.new(out_shape[j]) for j in dst]
-            spaces.set_structure(src[0], "prod", parts)
-            for j, part in zip(dst, parts):
-                out_axes[j] = part
-        elif len(dst) == 1:
-            out_axes[dst[0]] = spaces.product(src)
+    atom_space: list[int | None] = [None] * len(atoms)
+    for i, run in zip(ins, runs_in):
+        if len(run) == 1:
+            atom_space[run[0]] = in_axes[i]
         else:
-            ctx.fix_node(node, f"reshape {in_shape} -> {out_shape} regroups axes", unknown=False)
-            return
-    for j, s in enumerate(out_shape):
-        if out_axes[j] is None:
-            out_axes[j] = spaces.new(s)
+            parts = [spaces.new(atoms[a]) for a in run]
+            spaces.set_structure(in_axes[i], "prod", parts)
+            for a, part in zip(run, parts):
+                atom_space[a] = part
+    out_axes = [spaces.new(s) for s in out_shape]
+    for j, run in zip(outs, runs_out):
+        out_axes[j] = atom_space[run[0]] if len(run) == 1 else spaces.product([atom_space[a] for a in run])
     ctx.set_axes(node, out_axes)
+
+
+def _refinement(left: list[int], right: list[int]):
+    """Atoms of two factorisations of one size: each side's axes as runs of atoms, or None if they cross."""
+    def bounds(sizes: list[int]) -> list[int]:
+        out, total = [], 1
+        for s in sizes:
+            total *= s
+            out.append(total)
+        return out
+
+    if bounds(left)[-1:] != bounds(right)[-1:]:
+        return None, None, None
+    cuts = sorted(set(bounds(left)) | set(bounds(right)))
+    atoms, prev = [], 1
+    for c in cuts:
+        if c % prev:
+            return None, None, None
+        atoms.append(c // prev)
+        prev = c
+
+    def runs(sizes: list[int]) -> list[list[int]]:
+        result, a = [], 0
+        for s in sizes:
+            run, total = [], 1
+            while total < s:
+                total *= atoms[a]
+                run.append(a)
+                a += 1
+            result.append(run)
+        return result
+
+    return runs(left), runs(right), atoms
 
 
 def _reorder(ctx: InferContext, node: fx.Node, order: list[int]) -> None:
