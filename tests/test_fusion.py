@@ -73,7 +73,8 @@ def test_fusing_a_model_with_itself_gives_it_back(solver, residual):
             assert torch.isfinite(outputs(fused, fresh_inputs(arch))).all()
 
 
-@pytest.mark.parametrize("arch_name", ["bert", "hf_vit", "gpt2", "llama", "timm_vit", "vit_pytorch", "matmul_encoder"])
+@pytest.mark.parametrize("arch_name", ["bert", "hf_vit", "gpt2", "llama", "timm_vit", "vit_pytorch", "matmul_encoder",
+                                       "torch_encoder"])
 def test_align_keeps_the_function_of_an_independent_model(arch_name):
     a, args = zoo.build(arch_name, seed=0)
     b, _ = zoo.build(arch_name, seed=9)
