@@ -46,9 +46,19 @@ def _check_inputs(inferences: list[Inference]) -> None:
 
 
 def _activations(anchor: Inference, other: Inference, maps: TransportMaps, data) -> None:
-    """Collect, in one batched pass per model, the activations that the maps will read."""
+    """Collect, in one batched pass per model, the activations that the maps will read: the solved classes'
+    (activation cost) and the inputs of residual combinations (weighted residual policies); fixed classes
+    have no map to solve."""
+    def solved(root: int) -> bool:
+        n_a, n_b = maps.width(root)
+        return not maps.part.is_fixed(root) and not n_a == n_b == 1
+
+    roots = [r for r in maps.producers if solved(r)] if maps.config.cost == "activations" else []
+    if maps.config.residual.startswith("weighted"):
+        roots += [maps.root(s) for out, r in maps.combines.items() if r.kind == "residual" and solved(out)
+                  for s in r.inputs]
     wanted: list[tuple[str, tuple[int, ...]]] = []
-    for root in list(maps.producers) + [maps.root(s) for r in maps.combines.values() for s in r.inputs]:
+    for root in dict.fromkeys(roots):
         layer_nodes = [r.node for r in anchor.records if r.kind == "layer" and r.output is not None
                        and maps.root(r.output) == root]
         node = maps.activation_node(root, layer_nodes)

@@ -63,7 +63,11 @@ def _sequence_filter(x: torch.Tensor, tokens) -> torch.Tensor:
 def collect(traced: Traced, data, wanted: list[tuple[str, tuple[int, ...]]], tokens="all"
             ) -> dict[tuple[str, tuple[int, ...]], torch.Tensor]:
     """Run the traced graph over ``data`` once and return, per (node name, axes), a [rows, width] matrix of
-    the node's activations over those axes (flattened in order; rows are samples x kept tokens)."""
+    the node's activations over those axes (flattened in order; rows are samples x kept tokens).
+
+    Activations are kept in float32 (float64 where the graph computes in float64) and written straight into
+    one preallocated matrix per node, batch by batch.
+    """
     gm = traced.program.module()
     graph = copy.deepcopy(gm.graph)
     nodes = {n.name: n for n in graph.nodes}
@@ -75,18 +79,26 @@ def collect(traced: Traced, data, wanted: list[tuple[str, tuple[int, ...]]], tok
     output.args = (tuple(nodes[name] for name, _ in wanted),)
     graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs instead of the pytree-wrapped signature
     probe = fx.GraphModule(gm, graph)
-    rows: dict[tuple, list[torch.Tensor]] = {key: [] for key in wanted}
+    batches = batches_like(traced, data)
+    samples = sum(real for _, real in batches)
+    rows: dict[tuple, torch.Tensor] = {}
+    filled: dict[tuple, int] = dict.fromkeys(wanted, 0)
     with torch.no_grad():
-        for inputs, real in batches_like(traced, data):
+        for inputs, real in batches:
             flat, _ = pytree.tree_flatten((inputs, traced.kwargs))
             values = probe(*flat)
             for key, value in zip(wanted, values):
-                x = value[:real].detach().double()
+                x = value[:real].detach()
                 axes = key[1]
                 rest = [d for d in range(x.ndim) if d not in axes]
                 width = math.prod(x.shape[d] for d in axes)
                 x = x.permute(*rest, *axes).reshape(*[x.shape[d] for d in rest], width)
                 if len(rest) == 2 and 1 not in axes:
                     x = _sequence_filter(x, tokens)  # [batch, seq, width]
-                rows[key].append(x.reshape(-1, width))
-    return {key: torch.cat(parts) for key, parts in rows.items()}
+                x = x.reshape(-1, width)
+                if key not in rows:
+                    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+                    rows[key] = torch.empty(x.shape[0] // real * samples, width, dtype=dtype)
+                rows[key][filled[key]:filled[key] + x.shape[0]].copy_(x)
+                filled[key] += x.shape[0]
+    return rows

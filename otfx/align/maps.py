@@ -131,6 +131,8 @@ class TransportMaps:
         self.anchor, self.other, self.config = anchor, other, config
         self.part = merged(anchor.spaces, config.merged_kinds())
         self.acts_anchor, self.acts_other = acts_anchor or {}, acts_other or {}
+        self._standard: dict[tuple, torch.Tensor] = {}  # (model, node) -> squared norms, once standardised
+        self._magnitudes: dict[tuple, torch.Tensor] = {}
         self.params_anchor = {k: v.detach() for k, v in anchor.traced.parameters().items()}
         self.params_other = {k: v.detach() for k, v in other.traced.parameters().items()}
         self.compute_dtype = compute_dtype
@@ -497,7 +499,7 @@ class TransportMaps:
             node = self.activation_node(self.root(s))
             if node is None or node not in self.acts_anchor:
                 return sum(plans) / len(plans)
-            magnitudes.append(self.acts_anchor[node].abs().mean(0))
+            magnitudes.append(self._magnitude(node))
         mags = torch.stack(magnitudes)  # inputs x width
         if policy == "weighted_scalar":
             w = mags.mean(1) / mags.mean(1).sum()
@@ -539,16 +541,57 @@ class TransportMaps:
         rows_b = wb.movedim(axis, 0).narrow(0, off_b, n_b).reshape(n_b, -1)
         return rows_a, rows_b
 
-    def _activation_rows(self, root: int):
+    def _activation_rows(self, root: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        rows_a, rows_b, _, _, used = self._activation_features(root)
+        return rows_a, rows_b, used
+
+    def _activation_features(self, root: int):
+        """Standardised activations of a class as rows (neurons x samples, strided views), their squared norms
+        and the node they come from."""
         layer_nodes = [r.node for r in self.anchor.records if r.kind == "layer" and r.output is not None
                        and self.root(r.output) == root]
         node = self.activation_node(root, layer_nodes)
         if node is None or node not in self.acts_anchor:
             raise FusionError(f"no activations were collected for {self.describe(root)}")
         with self.timed("rows"):
-            a = _standardise(self.acts_anchor[node].to(self.dtype_for(self.acts_anchor[node])))
-            b = _standardise(self.acts_other[node].to(self.dtype_for(self.acts_other[node])))
-            return a.T, b.T, [node[0]]
+            a, norms_a = self._standardised("anchor", node)
+            b, norms_b = self._standardised("other", node)
+            return a.T, b.T, norms_a, norms_b, [node[0]]
+
+    def _magnitude(self, node) -> torch.Tensor:
+        """Mean absolute activation of each neuron of the anchor's ``node`` (read before standardising)."""
+        if node not in self._magnitudes:
+            self._magnitudes[node] = self.acts_anchor[node].abs().mean(0)
+        return self._magnitudes[node]
+
+    def _standardised(self, which: str, node) -> tuple[torch.Tensor, torch.Tensor]:
+        """A model's activations of ``node`` standardised per neuron (``_standardise``), and the squared norm of
+        each standardised neuron. Done once, in place in the collected matrix (which then holds them)."""
+        key = (which, node)
+        if key not in self._standard:
+            acts = self.acts_anchor if which == "anchor" else self.acts_other
+            if which == "anchor" and self.config.residual.startswith("weighted"):
+                self._magnitude(node)
+            x = acts[node]
+            dtype = self.dtype_for(x)
+            if x.dtype != dtype or not x.is_contiguous():
+                x = acts[node] = x.to(dtype, memory_format=torch.contiguous_format, copy=True)
+            x.sub_(x.mean(0))
+            squares = torch.zeros(x.shape[1], dtype=x.dtype)
+            for chunk in x.split(256):  # a row block at a time stays in cache
+                squares += chunk.square().sum(0)
+            scale = 1 / ((squares / (x.shape[0] - 1)).sqrt() + 1e-9)
+            x.mul_(scale)
+            self._standard[key] = squares * scale.square()
+        acts = self.acts_anchor if which == "anchor" else self.acts_other
+        return acts[node], self._standard[key]
+
+    def _activation_cost(self, root: int) -> tuple[torch.Tensor, list[str]]:
+        """The cost between the standardised activations of a class, from one Gram matrix and the norms."""
+        rows_a, rows_b, norms_a, norms_b, used = self._activation_features(root)
+        with self.timed("cost"):
+            gram = rows_b @ rows_a.T
+            return gram.mul_(-2).add_(norms_b[:, None]).add_(norms_a[None]).clamp_min_(0).sqrt_(), used
 
     def _cost(self, rows_b: torch.Tensor, rows_a: torch.Tensor) -> torch.Tensor:
         """Euclidean distances between the rows (``torch.cdist``), without copying the features."""
@@ -574,8 +617,8 @@ class TransportMaps:
 
     def _solve(self, root: int) -> torch.Tensor:
         if self.config.cost == "activations":
-            rows_a, rows_b, used = self._activation_rows(root)
-            plan, info = self._ot(self._cost(rows_b, rows_a))
+            cost, used = self._activation_cost(root)
+            plan, info = self._ot(cost)
         else:
             blocks, used = self._blocks(root)
             plan, info = self._ot(self._block_cost(blocks))
@@ -711,4 +754,5 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _standardise(x: torch.Tensor) -> torch.Tensor:
-    return (x - x.mean(0)) / (x.std(0) + 1e-9)
+    std, mean = torch.std_mean(x, 0)
+    return (x - mean).div_(std + 1e-9)
