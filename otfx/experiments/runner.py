@@ -68,7 +68,8 @@ def _limited(split: Split, limit: int | None) -> Split:
 
 def _parent_extra(split: Split, spec: ViTSpec) -> dict[str, Any]:
     rows = split.indices.get("train")
-    return {"epochs": spec.epochs, "lr": spec.lr, "data": split.name,
+    epochs = int(spec.epochs) if float(spec.epochs).is_integer() else spec.epochs  # 3 and 3.0: one cache entry
+    return {"epochs": epochs, "lr": spec.lr, "data": split.name,
             "n_train": len(_limited(split, spec.train_limit).y_train),
             "split_rows": int(rows.sum()) if rows is not None else None}  # a fingerprint of the held-out split
 
@@ -310,9 +311,10 @@ def environment() -> dict[str, Any]:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo_root(), capture_output=True,
                                 text=True, timeout=10, check=False).stdout.strip() or None
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "otfx", "passes"], cwd=repo_root(),
-                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
-        if commit and dirty:  # the library had uncommitted edits when the numbers were made
-            commit += " + uncommitted changes to " + ", ".join(sorted({ln[3:] for ln in dirty.splitlines()}))
+                               capture_output=True, text=True, timeout=10, check=False).stdout
+        dirty_paths = sorted({ln[3:] for ln in dirty.splitlines() if len(ln) > 3})  # "XY path"
+        if commit and dirty_paths:  # the library had uncommitted edits when the numbers were made
+            commit += " + uncommitted changes to " + ", ".join(dirty_paths)
     except (OSError, subprocess.SubprocessError):
         pass
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
