@@ -23,6 +23,7 @@ from otfx.experiments import runner as R  # noqa: E402
 NAME = "02_reg_sweep"
 REGS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 SEEDS = (0, 1, 2)
+GRID = (0.01, 0.04, 0.1, 1.0)  # Sinkhorn regs (besides EMD) at which token filters and residual policies are compared
 POLICIES = ("mean", "weighted_scalar", "weighted_matrix", "shared")
 TOKENS = ("all", "cls", ("window", 2), ("window", 3))
 EXAMPLE_BATCH = 64  # activations are collected in batches of the traced example's size
@@ -39,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = R.output_dir(args, NAME)
     split, spec = R.image_setup(args.smoke)
     regs, seeds = ((0.02, 0.2), (0, 1)) if args.smoke else (REGS, SEEDS)
+    grid = (0.2,) if args.smoke else GRID
     parents = [R.vit_parent(split, spec, s) for s in (0, 1)]
     traced = [otfx.trace(m, (split.x_train[:EXAMPLE_BATCH],)) for m in parents]
     datas = {s: R.activation_data(split.x_train, 256, seed=s) for s in seeds}
@@ -70,12 +72,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             sweep[cost]["sinkhorn"][reg] = score({"solver": "sinkhorn", "reg": reg}, cost)
             print(cost, reg, sweep[cost]["sinkhorn"][reg]["val"], flush=True)
         sweep[cost]["best_reg"] = max(regs, key=lambda r: sweep[cost]["sinkhorn"][r]["val"][0])
-    # (c) token filters, activations cost, at its best reg
-    best_acts = {"solver": "sinkhorn", "reg": sweep["activations"]["best_reg"]}
-    tokens = {token_name(t): score({**best_acts, "tokens": t}, "activations") for t in TOKENS}
-    # (d) residual policies, both costs, each at its best reg
-    policies = {cost: {p: score({"solver": "sinkhorn", "reg": sweep[cost]["best_reg"], "residual": p}, cost)
-                       for p in POLICIES} for cost in ("weights", "activations")}
+    # (c) token filters (activations) and (d) residual policies (both costs), each over a small grid of
+    # settings: at the large regs that win (a) the plans are nearly uniform and the cost hardly matters
+    settings = [("emd", None)] + [("sinkhorn", r) for r in grid]
+
+    def over_grid(cost: str, extra: dict) -> dict:
+        cells = {}
+        for solver, reg in settings:
+            options = {"solver": solver, **({"reg": reg} if reg is not None else {}), **extra}
+            cells["EMD" if reg is None else f"{reg:g}"] = score(options, cost)
+        best = max(cells, key=lambda k: cells[k]["val"][0])
+        return {"cells": cells, "best": best}
+
+    tokens = {token_name(t): over_grid("activations", {"tokens": t}) for t in TOKENS}
+    print("tokens done", flush=True)
+    policies = {cost: {p: over_grid(cost, {"residual": p}) for p in POLICIES} for cost in ("weights", "activations")}
 
     # ---- tables and plots
     def ms(entry: dict, part: str) -> str:
@@ -106,37 +117,60 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "vanilla": 100 * base["vanilla"][part]},
             marks=marks, xlabel="Sinkhorn reg", ylabel=f"one-shot {part} accuracy (%)", logx=True,
             title=f"One-shot {part} accuracy vs Sinkhorn reg (cf. Fig. 5a); bars: {len(seeds)} activation draws")
-    token_rows = [[n, ms(e, "val"), ms(e, "test")] for n, e in tokens.items()]
-    policy_rows = [[p, ms(policies["weights"][p], "val"), ms(policies["weights"][p], "test"),
-                    ms(policies["activations"][p], "val"), ms(policies["activations"][p], "test")] for p in POLICIES]
+    keys = ["EMD", *(f"{r:g}" for r in grid)]
+
+    def grid_row(name: str, entry: dict) -> list[str]:
+        best = entry["cells"][entry["best"]]
+        return [name, *(ms(entry["cells"][k], "test") for k in keys),
+                f"{entry['best']}: {ms(best, 'val')} / {ms(best, 'test')}"]
+
+    grid_head = [*(("EMD" if k == "EMD" else f"reg {k}") for k in keys), "best on val: setting, val / test"]
+    token_rows = [grid_row(n, e) for n, e in tokens.items()]
+    policy_rows = {c: [grid_row(p, e) for p, e in policies[c].items()] for c in policies}
     R.bar_plot(out / "filters_policies.png",
-               {**{f"tokens: {n}": {"activations": 100 * e["test"][0]} for n, e in tokens.items()},
-                **{f"residual: {p}": {"weights": 100 * policies["weights"][p]["test"][0],
-                                      "activations": 100 * policies["activations"][p]["test"][0]} for p in POLICIES}},
-               ylabel="one-shot test accuracy (%)", refs={"vanilla": 100 * base["vanilla"]["test"]},
+               {**{f"tokens: {n}": {"activations": 100 * e["cells"][e["best"]]["test"][0]} for n, e in tokens.items()},
+                **{f"residual: {p}": {c: 100 * policies[c][p]["cells"][policies[c][p]["best"]]["test"][0]
+                                      for c in policies} for p in POLICIES}},
+               ylabel="one-shot test accuracy (%), best setting on val",
+               refs={"vanilla": 100 * base["vanilla"]["test"]},
                title="Token filters (Fig. 5c) and residual policies (Fig. 5d)", size=(10, 4))
 
-    # ---- verdicts
-    def best_sink(c: str) -> float:
-        return sweep[c]["sinkhorn"][sweep[c]["best_reg"]]["test"][0]
+    # ---- verdicts: "A beats B" only when the gap exceeds the draws' spread and half a point
+    def verdict(text: str, a: dict, b: dict, part: str = "test") -> str:
+        (ma, sa), (mb, sb) = a[part], b[part]
+        margin = max(0.005, sa + sb)
+        if ma - mb > margin:
+            return f"- reproduces: {text} ({R.fmt_acc(ma)} vs {R.fmt_acc(mb)})"
+        if mb - ma > margin:
+            return f"- **does not reproduce**: {text} ({R.fmt_acc(ma)} vs {R.fmt_acc(mb)})"
+        return f"- no clear difference (within {100 * margin:.2f} points): {text} ({R.fmt_acc(ma)} vs {R.fmt_acc(mb)})"
 
-    emd_std = sweep["activations"]["emd"]["val"][1]
-    sink_std = sweep["activations"]["sinkhorn"][sweep["activations"]["best_reg"]]["val"][1]
+    def best_cell(entry: dict) -> dict:
+        return entry["cells"][entry["best"]]
+
     inner = [r for r in regs if r not in (regs[0], regs[-1])]
-    best_policy = {c: max(POLICIES, key=lambda p: policies[c][p]["val"][0]) for c in policies}
-    best_token = max(tokens, key=lambda n: tokens[n]["val"][0])
-    claims = [
-        ("Sinkhorn at the val-chosen reg beats EMD on test, weights cost",
-         best_sink("weights") > sweep["weights"]["emd"]["test"][0]),
-        ("Sinkhorn at the val-chosen reg beats EMD on test, activations cost",
-         best_sink("activations") > sweep["activations"]["emd"]["test"][0]),
-        ("the best reg is interior (bell-shaped curve), weights cost", sweep["weights"]["best_reg"] in inner),
-        ("the best reg is interior (bell-shaped curve), activations cost", sweep["activations"]["best_reg"] in inner),
-        ("Sinkhorn is more stable than EMD over activation draws (Fig. 5b)", sink_std < emd_std),
-        ("the `mean` residual policy is best (Fig. 5d), weights cost", best_policy["weights"] == "mean"),
-        ("the `mean` residual policy is best (Fig. 5d), activations cost", best_policy["activations"] == "mean"),
-        ("a window filter beats all tokens (Fig. 5c)", best_token.startswith("window")),
+    emd_std = sweep["activations"]["emd"]["val"][1]
+    chosen = {c: sweep[c]["sinkhorn"][sweep[c]["best_reg"]] for c in sweep}
+    sink_std = chosen["activations"]["val"][1]
+    window = max((n for n in tokens if n.startswith("window")), key=lambda n: best_cell(tokens[n])["val"][0])
+    other_policies = {c: max((p for p in POLICIES if p != "mean"), key=lambda p: best_cell(policies[c][p])["val"][0])
+                      for c in policies}
+    lines = [
+        verdict("Sinkhorn at the val-chosen reg beats EMD, weights cost", chosen["weights"], sweep["weights"]["emd"]),
+        verdict("Sinkhorn at the val-chosen reg beats EMD, activations cost", chosen["activations"],
+                sweep["activations"]["emd"]),
+        *(f"- {'reproduces' if sweep[c]['best_reg'] in inner else '**does not reproduce**'}: the best reg is interior "
+          f"(bell-shaped curve), {c} cost (best on val: {sweep[c]['best_reg']:g} of {regs[0]:g}-{regs[-1]:g})"
+          for c in sweep),
+        f"- {'reproduces' if sink_std < emd_std else '**does not reproduce**'}: Sinkhorn is more stable than EMD over "
+        f"activation draws, Fig. 5b (val std {100 * sink_std:.2f} vs {100 * emd_std:.2f} points)",
+        verdict(f"a window filter ({window}) beats all tokens (Fig. 5c), best settings on val",
+                best_cell(tokens[window]), best_cell(tokens["all"])),
+        *(verdict(f"the `mean` residual policy beats the best other one ({other_policies[c]}) (Fig. 5d), {c} cost",
+                  best_cell(policies[c]["mean"]), best_cell(policies[c][other_policies[c]])) for c in policies),
     ]
+    uniform = {c: sweep[c]["sinkhorn"][regs[-1]]["test"][0] for c in sweep}
+
     body = "\n".join([
         f"Parents: the seed-0 and seed-1 ViTs of experiment 1 ({split.name}, {spec.hidden}/{spec.mlp}/{spec.layers}, "
         f"{spec.epochs:g} epochs; test {R.fmt_acc(base['parent A']['test'])} / {R.fmt_acc(base['parent B']['test'])}%, "
@@ -149,24 +183,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "error above 1e-3) and otfx used an exact solver instead, summed over the activation draws; a sweep point "
         "with fallbacks is partly hard alignment.", "",
         "![test accuracy vs reg](reg_sweep_test.png)", "", "![val accuracy vs reg](reg_sweep_val.png)", "",
-        f"## (c) Token filters (activations cost, reg {sweep['activations']['best_reg']:g})", "",
-        "The patch grid is 4x4 (+ class token); `window_n` keeps the n x n centre patches and the class token.", "",
-        R.markdown_table(["tokens", "val", "test"], token_rows), "",
-        "## (d) Residual policies (each cost at its best reg)", "",
-        R.markdown_table(["policy", "weights: val", "weights: test", "activations: val", "activations: test"],
-                         policy_rows), "",
+        f"At the largest reg ({regs[-1]:g}; costs are min-max normalised to [0, 1]) every plan is close to uniform, "
+        "so the other model contributes little more than its mean neuron: that limit already scores "
+        f"{R.fmt_acc(uniform['weights'])} (weights) / {R.fmt_acc(uniform['activations'])} (activations) on test, "
+        f"far above vanilla fusion ({R.fmt_acc(base['vanilla']['test'])}). The paper's App. D.3.2 reports 47% for this "
+        "limit on CIFAR-10. A cost is only informative where it beats this limit.", "",
+        "## (c) Token filters (activations cost), test accuracy", "",
+        "The patch grid is 4x4 (+ class token); `window_n` keeps the n x n centre patches and the class token; "
+        f"`cls` only the class token. Each cell: mean ± std over {len(seeds)} activation draws.", "",
+        R.markdown_table(["tokens", *grid_head], token_rows), "",
+        "## (d) Residual policies, test accuracy", "", "Weights cost:", "",
+        R.markdown_table(["policy", *grid_head], policy_rows["weights"]), "", "Activations cost:", "",
+        R.markdown_table(["policy", *grid_head], policy_rows["activations"]), "",
         "![filters and policies](filters_policies.png)", "",
-        "## What reproduces", "",
-        *(f"- {'reproduces' if ok else '**does not reproduce**'}: {text}" for text, ok in claims), "",
-        f"Best on validation: residual policy {best_policy['weights']} (weights) / {best_policy['activations']} "
-        f"(activations), token filter {best_token}. Activations-EMD spread over draws (val std) "
-        f"{100 * emd_std:.2f} vs Sinkhorn {100 * sink_std:.2f} points.",
+        "## What reproduces", "", *lines, "",
     ])
     seconds = time.perf_counter() - t_start
     R.write_markdown(out / "README.md", "Sinkhorn reg, token filters and residual policies (Fig. 5)", command, body,
                      seconds)
     R.write_json(out / "results.json", {"baselines": base, "sweep": sweep, "tokens": tokens, "policies": policies,
-                                        "regs": regs, "seconds": seconds})
+                                        "regs": regs, "grid": grid, "seconds": seconds})
     print(f"wrote {out / 'README.md'} in {seconds:.0f} s")
     return 0
 

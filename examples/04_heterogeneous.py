@@ -21,7 +21,7 @@ from otfx.experiments import runner as R  # noqa: E402
 
 NAME = "04_heterogeneous"
 REGS = (0.01, 0.02, 0.04, 0.06, 0.1, 0.2, 0.5)
-LRS = (5e-4, 1e-3)
+LRS = (5e-4, 1e-3, 2e-3)
 BUDGET = 0.10
 EXAMPLE_BATCH = 64
 

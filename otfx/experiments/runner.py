@@ -255,20 +255,26 @@ def accuracy_of(split: Split, part: str) -> Callable[[nn.Module], float]:
 def finetune_best_lr(model: nn.Module, split: Split, *, steps: int, lrs: Sequence[float], eval_at: Sequence[int],
                      seed: int = 100, progress: bool | str = True) -> dict[str, Any]:
     """Finetune a copy of ``model`` for ``steps`` steps with each learning rate; keep the one whose final
-    *validation* accuracy is best. Returns its ``lr``, its curve (``steps``, ``val``, ``test``) and every lr's final
-    validation accuracy. All runs see the same batches (``seed``)."""
+    *validation* accuracy is best and rerun it (the same batches, so the same run) with validation and test
+    accuracy at ``eval_at``. Returns its ``lr``, its curve (``steps``, ``val``, ``test``) and every lr's final
+    validation accuracy."""
     import copy
 
     from .train import finetune
 
-    runs = []
-    for lr in lrs:
-        label = f"{progress} lr {lr:g}" if isinstance(progress, str) else progress
-        _, curve = finetune(copy.deepcopy(model), split, steps=steps, seed=seed, lr=lr,
-                            eval_at=sorted({0, *eval_at, steps}), progress=label)
-        runs.append({"lr": lr, "steps": curve.steps, "val": curve.acc["val"], "test": curve.acc["test"]})
-    best = max(runs, key=lambda r: r["val"][-1])
-    return {**best, "final_val_by_lr": {r["lr"]: r["val"][-1] for r in runs}}
+    def label(what: str) -> bool | str:
+        return f"{progress} {what}" if isinstance(progress, str) else progress
+
+    final_val = {}
+    for lr in lrs if len(lrs) > 1 else ():
+        _, curve = finetune(copy.deepcopy(model), split, steps=steps, seed=seed, lr=lr, eval_at=(steps,),
+                            eval_parts=("val",), progress=label(f"lr {lr:g}"))
+        final_val[lr] = curve.acc["val"][-1]
+    best = max(final_val, key=final_val.get) if final_val else lrs[0]
+    _, curve = finetune(copy.deepcopy(model), split, steps=steps, seed=seed, lr=best,
+                        eval_at=sorted({0, *eval_at, steps}), progress=label(f"lr {best:g}, curve"))
+    return {"lr": best, "steps": curve.steps, "val": curve.acc["val"], "test": curve.acc["test"],
+            "final_val_by_lr": final_val or {best: curve.acc["val"][-1]}}
 
 
 # ----------------------------------------------------------------------------------------------- reports
