@@ -137,13 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # ---- verdicts: "A beats B" only when the gap exceeds the draws' spread and half a point
     def verdict(text: str, a: dict, b: dict, part: str = "test") -> str:
-        (ma, sa), (mb, sb) = a[part], b[part]
-        margin = max(0.005, sa + sb)
-        if ma - mb > margin:
-            return f"- reproduces: {text} ({R.fmt_acc(ma)} vs {R.fmt_acc(mb)})"
-        if mb - ma > margin:
-            return f"- **does not reproduce**: {text} ({R.fmt_acc(ma)} vs {R.fmt_acc(mb)})"
-        return f"- no clear difference (within {100 * margin:.2f} points): {text} ({R.fmt_acc(ma)} vs {R.fmt_acc(mb)})"
+        return R.verdict(text, a[part], b[part])
 
     def best_cell(entry: dict) -> dict:
         return entry["cells"][entry["best"]]

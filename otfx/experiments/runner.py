@@ -29,7 +29,7 @@ __all__ = [
     "best_row", "accuracy_of", "command_line", "markdown_table", "fmt_acc", "fmt_list", "write_markdown",
     "write_json", "line_plot", "bar_plot", "repo_root", "results_dir", "environment", "image_setup",
     "example_parser", "output_dir", "mean_std", "finetune_best_lr", "parent_steps",
-    "choose_sinkhorn",
+    "choose_sinkhorn", "verdict",
 ]
 
 DEFAULT_REGS: tuple[float, ...] = (0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.2, 0.5)
@@ -236,6 +236,19 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and (population) standard deviation; std 0 for one value."""
     m = sum(values) / len(values)
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
+
+
+def verdict(text: str, a: tuple[float, float], b: tuple[float, float], min_gap: float = 0.005) -> str:
+    """A markdown bullet on the claim "a beats b" for accuracies ``(mean, std)``: it reproduces (or not) only when
+    the gap exceeds both stds together and ``min_gap``; otherwise there is no clear difference."""
+    (ma, sa), (mb, sb) = a, b
+    margin = max(min_gap, sa + sb)
+    numbers = f"({fmt_acc(ma)} vs {fmt_acc(mb)})"
+    if ma - mb > margin:
+        return f"- reproduces: {text} {numbers}"
+    if mb - ma > margin:
+        return f"- **does not reproduce**: {text} {numbers}"
+    return f"- no clear difference (within {100 * margin:.2f} points): {text} {numbers}"
 
 
 def best_row(rows: Sequence[Mapping[str, Any]], key: str = "score", higher: bool = True) -> Mapping[str, Any]:
