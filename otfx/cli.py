@@ -324,7 +324,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.solver == "emd":
         raise OtfxInputError("--solver emd has no regularisation to sweep; use sinkhorn")
     options = _fuse_options(args, n)
-    options["solver"] = args.solver or "sinkhorn"
+    options["solver"] = args.solver or "sinkhorn_torch"
     check_output_dir(args.out, args.overwrite, _input_paths(args.models, args))
     loaded = _load_all(args, args.models, console)
     _check_same_architecture(loaded)
@@ -516,7 +516,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _fusion_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     g = p.add_argument_group("fusion (defaults: those of otfx.fuse)")
     g.add_argument("--cost", choices=["weights", "activations"])
-    g.add_argument("--solver", choices=["emd", "sinkhorn"])
+    g.add_argument("--solver", choices=["emd", "lsa", "sinkhorn", "sinkhorn_torch"],
+                   help="sinkhorn_torch (default): accelerated Sinkhorn; sinkhorn: POT reference; emd: exact")
     if not sweep:
         g.add_argument("--reg", type=float, help="Sinkhorn entropic regularisation (e.g. 0.06)")
     g.add_argument("--residual", choices=["mean", "weighted_scalar", "weighted_matrix", "shared"])

@@ -110,7 +110,7 @@ def compute_maps(anchor: Inference, other: Inference, config: FusionConfig, data
 
 
 def fuse(*models, args: tuple | None = None, kwargs: dict | None = None, cost: str = "weights",
-         solver: str = "sinkhorn", reg: float = 0.06, data=None, residual: str = "mean", heads: str = "cross",
+         solver: str = "sinkhorn_torch", reg: float = 0.06, data=None, residual: str = "mean", heads: str = "cross",
          qk: str = "untied", tokens="all", weights=None, max_iter: int = 1000) -> nn.Module:
     """Fuse two or more transformers of one architecture into one model of the anchor's (the first's) shapes.
 

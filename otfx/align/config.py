@@ -19,7 +19,7 @@ class FusionConfig:
     """How transport maps are computed and combined (see ``otfx.fuse``)."""
 
     cost: str = "weights"
-    solver: str = "sinkhorn"
+    solver: str = "sinkhorn_torch"
     reg: float = 0.06
     residual: str = "mean"
     heads: str = "cross"
