@@ -467,9 +467,13 @@ def bar_plot(path: str | Path, groups: Mapping[str, Mapping[str, float]], *, yla
             ax.annotate(f"{y:.1f}", (bar.get_x() + bar.get_width() / 2, y), ha="center", va="bottom", fontsize=6)
     for j, (name, value) in enumerate((refs or {}).items()):
         ax.axhline(value, ls=":", lw=1, color=f"C{len(names) + j}", label=name)
-    ax.set_xticks(range(len(groups)), list(groups))
+    long = max(len(g) for g in groups) > 60 / max(1, len(groups))  # labels that would overlap: slant them
+    ax.set_xticks(range(len(groups)), list(groups), rotation=20 if long else 0, ha="right" if long else "center",
+                  fontsize=8)
+    top = max([v for g in groups.values() for v in g.values()] + list((refs or {}).values()))
+    ax.set_ylim(0, top * 1.3)  # room for the legend above the bars
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=4, loc="upper center")
     return _save(fig, path)
