@@ -274,7 +274,7 @@ def test_sweep_with_stub(tmp_path, capsys, models, monkeypatch):
                          "--quiet")
     assert code == 0, err
     assert "accuracy" in out and "best reg:" in out and "input" in out
-    assert [c["reg"] for c in stub.calls] == [0.01, 0.1] and {c["solver"] for c in stub.calls} == {"sinkhorn"}
+    assert [c["reg"] for c in stub.calls] == [0.01, 0.1] and {c["solver"] for c in stub.calls} == {"sinkhorn_torch"}
     result = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert result["metric"] == "accuracy" and len(result["rows"]) == 2 and len(result["baselines"]) == 2
     assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
