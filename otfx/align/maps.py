@@ -141,7 +141,7 @@ class TransportMaps:
         #: seconds per stage (rows, cost, solve, plans, rewrite, ...), each exclusive of the stages it calls
         self.timings: dict[str, float] = defaultdict(float)
         self._clock: list[list[float]] = []  # open stages: [time spent in nested stages]
-        self._movers: dict[tuple[int, str, torch.dtype], _Mover] = {}
+        self._movers: dict[int, dict[tuple[str, torch.dtype], _Mover]] = defaultdict(dict)  # class -> prepared
         self._indices: dict[int, torch.Tensor | None] = {}  # permutation_index of each used plan
         #: the other model's parameter with every axis but one aligned, (fqn, axis) -> tensor: a producer's
         #: rows for the cost, kept until the rewrite finishes the tensor with the remaining axis
@@ -194,14 +194,14 @@ class TransportMaps:
         root = self.root(sid)
         if root not in self.maps and self._trivial(root):
             return tensor
-        key = (root, side, tensor.dtype)
-        mover = self._movers.get(key)
+        key = (side, tensor.dtype)
+        mover = self._movers[root].get(key)
         if mover is None:
             plan = self.map(sid)
             with self.timed("prepare"):
                 if root not in self._indices:
                     self._indices[root] = permutation_index(plan)
-                mover = self._movers[key] = _Mover(plan, side, tensor.dtype, self._indices[root])
+                mover = self._movers[root][key] = _Mover(plan, side, tensor.dtype, self._indices[root])
         return mover(tensor, axis)
 
     def partial(self, fqn: str, axis: int) -> torch.Tensor:
@@ -341,8 +341,7 @@ class TransportMaps:
                 self._released.add(root)
                 del self.maps[root]
                 self._indices.pop(root, None)
-                for key in [k for k in self._movers if k[0] == root]:
-                    del self._movers[key]
+                self._movers.pop(root, None)
 
     # ---- structure ------------------------------------------------------------------------------------
     def root(self, sid: int) -> int:
