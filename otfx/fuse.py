@@ -15,7 +15,7 @@ from otfx.align.match import check_same_architecture
 from otfx.align.rewrite import rewrite_params
 from otfx.api import analyse
 from otfx.infer.result import Inference
-from otfx.trace import Traced, main_output, trace
+from otfx.trace import Traced, eval_mode, main_output, trace
 
 
 def _analysed(models, args, kwargs) -> list[Inference]:
@@ -38,9 +38,8 @@ def _check_inputs(inferences: list[Inference]) -> None:
     for other in inferences[1:]:
         check_same_architecture(anchor, other)
         try:
-            with torch.no_grad():
-                other.traced.model.eval()
-                main_output(other.traced.model(*anchor.traced.args, **anchor.traced.kwargs))
+            with torch.no_grad(), eval_mode(other.traced.model) as model:
+                main_output(model(*anchor.traced.args, **anchor.traced.kwargs))
         except Exception as err:  # noqa: BLE001 - any failure means the anchor's inputs do not fit
             raise FusionError(f"the anchor's example inputs do not fit {other.traced.name}: {err}") from err
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -94,10 +96,22 @@ def _tied_groups(model: nn.Module) -> list[list[str]]:
     return [names for names in by_storage.values() if len(names) > 1]
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode for the block and restore each one's own flag afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
 def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, name: str | None = None) -> Traced:
     """Trace ``model`` on example inputs with ``torch.export`` (non-strict) in eval mode.
 
-    The model itself is not modified: a shallow copy is put in eval mode, so the caller's training flags stay.
+    The model is not modified: it is put in eval mode only while it is exported, then every flag is restored.
     """
     if isinstance(model, Traced):
         return model
@@ -107,9 +121,7 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, nam
         args = (args,)
     name = name or type(model).__name__
     kwargs = _call_kwargs(model, kwargs)
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()  # the mode is baked into the export; restored below
+    with eval_mode(model):  # the mode is baked into the export
         wrapper = _MainOutput(model)
         try:
             program = torch.export.export(wrapper, args, kwargs, strict=False)
@@ -121,9 +133,6 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, nam
                 "attn_implementation='eager', check that the example inputs run through model(*args, **kwargs), "
                 "and remove data-dependent Python control flow from forward()."
             ) from err
-    finally:
-        for m, training in modes.items():
-            m.training = training
     traced = Traced(model=model, args=args, kwargs=kwargs, program=program, name=name, tied=_tied_groups(model))
     sig = program.graph_signature
     for spec in sig.input_specs:

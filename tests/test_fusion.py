@@ -43,10 +43,12 @@ def test_fusing_a_permuted_copy_gives_the_model_back(arch, residual):
     before = state_copy(model)
     traced = otfx.trace(model, args)
     permuted = otfx.trace(otfx.random_symmetry(traced, seed=3), args)
+    permuted.model.train()  # the caller's training flags survive fusion too
     fused = otfx.fuse(traced, permuted, solver="emd", residual=residual)
     assert_same_model(fused, model, arch, param_atol=1e-5)
     assert type(fused) is type(model)
     assert_state_unchanged(model, before)
+    assert permuted.model.training and all(m.training for m in permuted.model.modules())
 
 
 def test_fusing_a_permuted_copy_by_activations(arch):
