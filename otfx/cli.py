@@ -250,13 +250,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_fuse(args: argparse.Namespace) -> int:
+def _fusion_setup(args: argparse.Namespace, verb: str):
+    """What fuse and sweep share: a console, the model count, otfx.fuse and the anchor index."""
     console = _Console(args.quiet)
     n = len(args.models)
     if n < 2:
-        raise OtfxInputError("fuse needs at least two MODELs")
-    fuse = _fuse_function()
-    anchor = _anchor_index(args, n)
+        raise OtfxInputError(f"{verb} needs at least two MODELs")
+    return console, n, _fuse_function(), _anchor_index(args, n)
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    console, n, fuse, anchor = _fusion_setup(args, "fuse")
     options = _fuse_options(args, n)
     check_output_dir(args.out, args.overwrite, _input_paths(args.models, args))
     report = FusionReport(models=list(args.models))
@@ -314,12 +318,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    console = _Console(args.quiet)
-    n = len(args.models)
-    if n < 2:
-        raise OtfxInputError("sweep needs at least two MODELs")
-    fuse = _fuse_function()
-    anchor = _anchor_index(args, n)
+    console, n, fuse, anchor = _fusion_setup(args, "sweep")
     regs = _parse_regs(args.regs)
     if args.solver == "emd":
         raise OtfxInputError("--solver emd has no regularisation to sweep; use sinkhorn")
