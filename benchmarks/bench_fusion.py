@@ -107,20 +107,6 @@ def _build(cfg: dict, seed: int):
     return BertForMaskedLM(config).eval()
 
 
-def _noisy_copy(traced, seed: int = 3, noise: float = 0.5):
-    import torch
-
-    import otfx
-
-    model = otfx.random_symmetry(traced, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.numel() > 1:
-                p.add_(torch.randn(p.shape, generator=g) * noise * p.std())
-    return model
-
-
 def _digits(n: int):
     """``n`` scikit-learn digits, bilinearly upscaled from 8x8 to 32x32, as 3 standardised channels."""
     import torch
@@ -141,6 +127,7 @@ def worker(cfg: dict) -> dict:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     import otfx
+    from otfx.symmetry import noisy_copy
 
     if cfg["model"] == "vit":
         images = _digits(cfg.get("images", 2))
@@ -152,7 +139,7 @@ def worker(cfg: dict) -> dict:
     a = _build(cfg, 0)
     start = time.perf_counter()
     ta = otfx.trace(a, args)
-    b = _build(cfg, 1) if cfg["parents"] == "random" else _noisy_copy(ta)
+    b = _build(cfg, 1) if cfg["parents"] == "random" else noisy_copy(ta)
     tb = otfx.trace(b, args)
     trace_s = time.perf_counter() - start
     size_mb = sum(p.numel() * p.element_size() for m in (a, b) for p in m.parameters()) / 2**20

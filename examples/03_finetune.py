@@ -32,9 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = R.output_dir(args, NAME)
     split, spec = R.image_setup(args.smoke)
     regs, lrs = ((0.05,), (1e-3,)) if args.smoke else (REGS, LRS)
-    parent_steps = R.parent_steps(split, spec)
-    steps = max(2, int(BUDGET * parent_steps) // 10 * 10) if not args.smoke else 4
-    eval_at = sorted({0, *(round(steps * f) for f in (0.125, 0.25, 0.5, 0.75)), steps})
+    parent_steps, steps, eval_at = R.finetune_schedule(split, spec, BUDGET, args.smoke)
     parents = [R.vit_parent(split, spec, s) for s in (0, 1)]
     traced = [otfx.trace(m, (split.x_train[:EXAMPLE_BATCH],)) for m in parents]
     data = R.activation_data(split.x_train, 256, seed=0)

@@ -84,3 +84,15 @@ def random_symmetry(traced, seed: int = 0) -> nn.Module:
 
     inference = analyse(traced)
     return permute_model(inference, space_permutations(inference, seed))
+
+
+def noisy_copy(traced, seed: int = 3, noise: float = 0.5) -> nn.Module:
+    """A random symmetry of the model plus Gaussian noise of ``noise`` x each tensor's std: a stand-in for a
+    second training run of one initialisation (benchmarks and tests of solvers on structured costs)."""
+    model = random_symmetry(traced, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1:
+                p.add_(torch.randn(p.shape, generator=g) * noise * p.std())
+    return model

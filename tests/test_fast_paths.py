@@ -26,6 +26,7 @@ from otfx.align.maps import (
 )
 from otfx.align.rewrite import aligned_params, rewrite_params, unique_params
 from otfx.fuse import _blend_into, compute_maps
+from otfx.symmetry import noisy_copy
 from otfx.trace import main_output
 
 fuse_module = sys.modules["otfx.fuse"]  # ``otfx.fuse`` the attribute is the function
@@ -65,18 +66,6 @@ def perm_plan(n: int, seed: int, scale: float | None = None) -> torch.Tensor:
     plan = torch.zeros(n, n, dtype=torch.float64)
     plan[torch.arange(n), torch.randperm(n, generator=g)] = 1 / n if scale is None else scale
     return plan
-
-
-def noisy_copy(traced, seed: int, noise: float = 0.5) -> torch.nn.Module:
-    """A permuted copy (same function) with Gaussian noise of ``noise`` x each tensor's std: a stand-in for a
-    second training run of one initialisation."""
-    model = otfx.random_symmetry(traced, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.numel() > 1:
-                p.add_(torch.randn(p.shape, generator=g) * noise * p.std())
-    return model
 
 
 def pair(arch: str, kind: str, **config):

@@ -138,6 +138,15 @@ def parent_steps(split: Split, spec: ViTSpec, batch: int = 128) -> int:
     return max(1, round(spec.epochs * math.ceil(n / batch)))
 
 
+def finetune_schedule(split: Split, spec: ViTSpec, budget: float, smoke: bool = False
+                      ) -> tuple[int, int, list[int]]:
+    """(parent steps, finetune steps = ``budget`` of them rounded down to tens, evaluation checkpoints)."""
+    parents = parent_steps(split, spec)
+    steps = 4 if smoke else max(2, int(budget * parents) // 10 * 10)
+    eval_at = sorted({0, *(round(steps * f) for f in (0.125, 0.25, 0.5, 0.75)), steps})
+    return parents, steps, eval_at
+
+
 def activation_data(x: torch.Tensor, n: int = 256, batch: int = 64, seed: int = 0) -> list[torch.Tensor]:
     """``n`` inputs drawn (by ``seed``) from ``x`` (a training set), as batches for activation-based costs."""
     g = torch.Generator().manual_seed(seed)
