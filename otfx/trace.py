@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import inspect
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from otfx.conventions import (
+    OutputSelectionError,
+    OutputSelector,
+    call_kwargs,
+    check_selector,
+    eval_mode,
+    main_output,
+    tied_groups,
+)
+
+__all__ = ["TraceError", "Traced", "clone_model", "eval_mode", "main_output", "trace"]
 
 
 class TraceError(RuntimeError):
@@ -17,33 +26,16 @@ class TraceError(RuntimeError):
 
 
 class _MainOutput(nn.Module):
-    """Wraps a model so that it returns only its main output tensor (logits or last hidden state)."""
+    """Wraps a model so that it returns only its main output tensor (see :func:`otfx.conventions.main_output`)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, output: OutputSelector, name: str):
         super().__init__()
         self.model = model
+        self.output = output
+        self.name = name
 
     def forward(self, *args, **kwargs):
-        return main_output(self.model(*args, **kwargs))
-
-
-def main_output(out) -> torch.Tensor:
-    """The main tensor of a model's output: ``logits``, ``last_hidden_state`` or the first tensor found."""
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state", "prediction_logits"):
-        value = getattr(out, key, None)
-        if value is None and isinstance(out, dict):
-            value = out.get(key)
-        if isinstance(value, torch.Tensor):
-            return value
-    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
-    if hasattr(out, "to_tuple"):
-        items = out.to_tuple()
-    for item in items:
-        if isinstance(item, torch.Tensor):
-            return item
-    raise TraceError(f"cannot find an output tensor in a {type(out).__name__}; return a tensor or a ModelOutput")
+        return main_output(self.model(*args, **kwargs), self.output, name=self.name)
 
 
 @dataclass
@@ -63,6 +55,11 @@ class Traced:
     placeholder_to_constant: dict[str, str] = field(default_factory=dict)
     user_inputs: list[str] = field(default_factory=list)
     tied: list[list[str]] = field(default_factory=list)
+    output: OutputSelector = None  # the main-output selector given to trace; fuse, ensemble, export reuse it
+
+    def main_output(self, out) -> torch.Tensor:
+        """The main tensor of one of this model's outputs, chosen as at trace time."""
+        return main_output(out, self.output, name=self.name)
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -77,41 +74,14 @@ class Traced:
         return f"Traced({self.name}, {n:,} parameters, {len(self.graph.nodes)} graph nodes)"
 
 
-def _call_kwargs(model: nn.Module, kwargs: dict | None) -> dict:
-    """Caller's kwargs plus ``use_cache=False`` for models that take it (caches cannot be exported)."""
-    kwargs = dict(kwargs or {})
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "use_cache" in params and "use_cache" not in kwargs:
-        kwargs["use_cache"] = False
-    return kwargs
-
-
-def _tied_groups(model: nn.Module) -> list[list[str]]:
-    by_storage: dict[tuple, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_storage.setdefault((p.data_ptr(), tuple(p.shape), tuple(p.stride())), []).append(name)
-    return [names for names in by_storage.values() if len(names) > 1]
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode for the block and restore each one's own flag afterwards."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes.items():
-            m.training = training
-
-
-def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, name: str | None = None) -> Traced:
+def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, name: str | None = None,
+          output: OutputSelector = None) -> Traced:
     """Trace ``model`` on example inputs with ``torch.export`` (non-strict) in eval mode.
 
-    The model is not modified: it is put in eval mode only while it is exported, then every flag is restored.
+    ``output`` says which tensor of the model's output is the main one (a key or attribute name, an index or
+    a callable; see :func:`otfx.conventions.main_output`); by default a known field (``logits``...) or the only
+    non-scalar tensor, and several candidates are an error naming them. The model is not modified: it is put
+    in eval mode only while it is exported, then every flag is restored.
     """
     if isinstance(model, Traced):
         return model
@@ -120,12 +90,15 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, nam
     if not isinstance(args, tuple):
         args = (args,)
     name = name or type(model).__name__
-    kwargs = _call_kwargs(model, kwargs)
+    output = check_selector(output)
+    kwargs = call_kwargs(model, kwargs)
     with eval_mode(model):  # the mode is baked into the export
-        wrapper = _MainOutput(model)
+        wrapper = _MainOutput(model, output, name)
         try:
             program = torch.export.export(wrapper, args, kwargs, strict=False)
         except Exception as err:  # torch.export raises many types; all get the same advice
+            if (chosen := _selection_error(err)) is not None:  # the fix is output=, not the export advice
+                raise chosen from None
             reason = str(err).strip().splitlines()[0][:500] if str(err).strip() else type(err).__name__
             raise TraceError(
                 f"torch.export could not trace {name}: {type(err).__name__}: {reason}\n"
@@ -133,7 +106,8 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, nam
                 "attn_implementation='eager', check that the example inputs run through model(*args, **kwargs), "
                 "and remove data-dependent Python control flow from forward()."
             ) from err
-    traced = Traced(model=model, args=args, kwargs=kwargs, program=program, name=name, tied=_tied_groups(model))
+    traced = Traced(model=model, args=args, kwargs=kwargs, program=program, name=name, tied=tied_groups(model),
+                    output=output)
     sig = program.graph_signature
     for spec in sig.input_specs:
         arg = getattr(spec.arg, "name", None)
@@ -148,6 +122,17 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, nam
         elif kind == "USER_INPUT":
             traced.user_inputs.append(arg)
     return traced
+
+
+def _selection_error(err: BaseException) -> OutputSelectionError | None:
+    """The output-selection error behind an export failure, if that is what it was (torch may wrap it)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OutputSelectionError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def clone_model(model: nn.Module) -> nn.Module:

@@ -1,7 +1,7 @@
 """Export a (fused) model to ONNX with the dynamo exporter and check it against PyTorch with onnxruntime.
 
-``export_onnx`` wraps the model so that the graph returns its main output tensor only (``logits``,
-``last_hidden_state`` or the first tensor of a tuple / ``ModelOutput``), exports it in eval mode with dynamic
+``export_onnx`` wraps the model so that the graph returns its main output tensor only (chosen by
+:func:`otfx.conventions.main_output`, with an optional ``output=`` selector), exports it in eval mode with dynamic
 batch (and, for integer token inputs, sequence) axes, falls back to fewer dynamic axes and then to static
 shapes if the exporter refuses, and writes the file atomically. What was used is stored in the file's
 ``metadata_props`` (read it back with :func:`export_info`).
@@ -24,7 +24,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from otfx.conventions import (
+    OutputSelectionError,
+    OutputSelector,
+    call_kwargs,
+    check_selector,
+    eval_mode,
+    main_output,
+)
 
 __all__ = [
     "OnnxCheck",
@@ -96,27 +105,6 @@ class _Slot:
     value: Any = None  # the constant, for non-tensors
 
 
-def _main_output(out: Any) -> torch.Tensor:
-    """The main tensor of a model output: logits / last_hidden_state / first tensor of a tuple or mapping."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, Mapping):  # ModelOutput is an OrderedDict
-        for key in ("logits", "last_hidden_state"):
-            if isinstance(out.get(key), torch.Tensor):
-                return out[key]
-        values: Sequence[Any] = list(out.values())
-    elif isinstance(out, (tuple, list)):
-        values = out
-    else:
-        raise TypeError(f"model returned {type(out).__name__}, expected a tensor, tuple or ModelOutput")
-    for v in values:
-        if v is None:
-            continue
-        with contextlib.suppress(TypeError):
-            return _main_output(v)
-    raise TypeError(f"model output {type(out).__name__} holds no tensor")
-
-
 def _positional_names(model: nn.Module, n: int) -> list[str]:
     """Names for the first ``n`` positional arguments, taken from ``model.forward``'s signature."""
     names: list[str] = []
@@ -142,18 +130,9 @@ def _identifier(name: str, taken: set[str]) -> str:
     return out
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _plan(model: nn.Module, args: tuple, kwargs: dict | None) -> tuple[list[_Slot], dict[str, Any]]:
     """Split the call into tensor inputs (named, in order) and constants; returns (slots, constant kwargs)."""
-    kwargs = dict(kwargs or {})
-    if "use_cache" not in kwargs and _accepts(model, "use_cache"):
-        kwargs["use_cache"] = False  # HF decoders: a DynamicCache in the output breaks torch.export
+    kwargs = call_kwargs(model, kwargs)  # HF decoders: a DynamicCache in the output breaks torch.export
     taken: set[str] = set(k for k, v in kwargs.items() if not isinstance(v, torch.Tensor))
     slots = []
     for i, (a, n) in enumerate(zip(args, _positional_names(model, len(args)), strict=True)):
@@ -171,11 +150,12 @@ def _plan(model: nn.Module, args: tuple, kwargs: dict | None) -> tuple[list[_Slo
 class _Wrapper(nn.Module):
     """Calls the model with plain tensor inputs and returns its main output tensor only."""
 
-    def __init__(self, model: nn.Module, slots: list[_Slot], consts: dict[str, Any]):
+    def __init__(self, model: nn.Module, slots: list[_Slot], consts: dict[str, Any], output: OutputSelector):
         super().__init__()
         self.model = model
         self._slots = slots
         self._consts = consts
+        self._output = output
 
     def call(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         it = iter(tensors)
@@ -186,10 +166,11 @@ class _Wrapper(nn.Module):
                 args.append(v)
             else:
                 kwargs[s.key] = v
-        return _main_output(self.model(*args, **kwargs))
+        return main_output(self.model(*args, **kwargs), self._output, name=type(self.model).__name__)
 
 
-def _make_wrapper(model: nn.Module, slots: list[_Slot], consts: dict[str, Any]) -> _Wrapper:
+def _make_wrapper(model: nn.Module, slots: list[_Slot], consts: dict[str, Any],
+                  output: OutputSelector = None) -> _Wrapper:
     """A ``_Wrapper`` whose ``forward`` has one named parameter per tensor input (dynamic_shapes needs it)."""
     names = [s.name for s in slots if s.name is not None]
     params, tup = ", ".join(names), "".join(n + ", " for n in names)
@@ -197,19 +178,7 @@ def _make_wrapper(model: nn.Module, slots: list[_Slot], consts: dict[str, Any]) 
     ns: dict[str, Any] = {}
     exec(src, ns)  # names are sanitised identifiers, see _identifier
     cls = type(f"OnnxExport_{type(model).__name__}", (_Wrapper,), {"forward": ns["forward"]})
-    return cls(model, slots, consts)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each one's training flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    return cls(model, slots, consts, check_selector(output))
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -322,11 +291,12 @@ def _sidecar(path: Path) -> Path:
 
 
 def export_onnx(model: nn.Module, args: tuple, path: str | Path, *, kwargs: dict | None = None,
-                dynamic: bool = True, opset: int | None = None) -> Path:
+                dynamic: bool = True, opset: int | None = None, output: OutputSelector = None) -> Path:
     """Export ``model(*args, **kwargs)``'s main output to ONNX at ``path`` and return the path.
 
     Tensor arguments become graph inputs named after ``model.forward``'s parameters; other arguments are
-    baked in as constants (HF decoders get ``use_cache=False``). Axes are dynamic where the exporter allows
+    baked in as constants (HF decoders get ``use_cache=False``); ``output`` selects the main output as in
+    :func:`otfx.trace` (pass the traced model's ``.output``). Axes are dynamic where the exporter allows
     it: batch (+ sequence for 2-D integer inputs), else batch only, else static; the choice is stored in the
     file's metadata (see :func:`export_info`). Weights go to ``<path>.data`` only when they exceed
     ``EXTERNAL_DATA_BYTES`` (~1.5 GiB), otherwise the file is self-contained. The file appears whole or not
@@ -343,12 +313,12 @@ def export_onnx(model: nn.Module, args: tuple, path: str | Path, *, kwargs: dict
     tensors = [args[s.key] if isinstance(s.key, int) else kwargs[s.key] for s in slots if s.name is not None]
     if not tensors:
         raise ValueError(f"{model_class}: no tensor inputs to export")
-    wrapper = _make_wrapper(model, slots, consts)
+    wrapper = _make_wrapper(model, slots, consts, output)
 
     program, requested, failures = None, None, []
     captured = io.StringIO()  # torch.export prints partial graphs of failed attempts to stderr
     t0 = time.perf_counter()
-    with _eval_mode(model), warnings.catch_warnings(), _quiet_torch_logs(), \
+    with eval_mode(model), warnings.catch_warnings(), _quiet_torch_logs(), \
             contextlib.redirect_stderr(captured):
         warnings.simplefilter("ignore")  # the exporter warns a lot about internals; errors are what matter
         for spec in _dynamic_candidates(names, tensors, dynamic):
@@ -359,6 +329,8 @@ def export_onnx(model: nn.Module, args: tuple, path: str | Path, *, kwargs: dict
                 requested = spec
                 break
             except Exception as e:  # any exporter failure means "try the next, simpler spec"
+                if isinstance(_root_cause(e), OutputSelectionError):  # no spec helps: the fix is output=
+                    raise _root_cause(e) from None
                 failures.append((_describe(spec), e))
                 log.info("ONNX export of %s with %s failed: %s", model_class, _describe(spec),
                          _short_reason(e))
@@ -501,14 +473,14 @@ def _abs_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def check_onnx(path: str | Path, model: nn.Module, args: tuple, *, providers: list[str] | None = None,
                atol: float = 1e-4, inputs: tuple | None = None, seed: int = 0,
-               kwargs: dict | None = None) -> OnnxCheck:
+               kwargs: dict | None = None, output: OutputSelector = None) -> OnnxCheck:
     """Run the ONNX file with onnxruntime and the PyTorch model (eval mode) on fresh inputs and compare.
 
     ``args`` / ``kwargs`` are the export-time arguments. Fresh inputs are ``inputs`` (positional tensors,
     then tensor kwargs, in export order) or, by default, random ones with every dynamic axis one larger
     (ints within ``[0, max(args)]``, ``randn`` for floats, all-ones masks). ``providers`` defaults to CUDA if
     onnxruntime has it, else CPU; unavailable providers raise ``ValueError`` instead of falling back. PyTorch
-    runs on the model's device.
+    runs on the model's device; ``output`` selects its main output as at export.
     """
     path = Path(path)
     providers = list(providers) if providers else default_providers()
@@ -532,8 +504,8 @@ def check_onnx(path: str | Path, model: nn.Module, args: tuple, *, providers: li
         device = next(iter(model.parameters())).device
     except StopIteration:
         device = tensors[0].device
-    wrapper = _make_wrapper(model, slots, consts)
-    with _eval_mode(model), torch.no_grad():
+    wrapper = _make_wrapper(model, slots, consts, output)
+    with eval_mode(model), torch.no_grad():
         ref = wrapper(*(x.to(device) for x in fresh)).detach().float().cpu().numpy()
 
     if named:
