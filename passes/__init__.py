@@ -1,35 +1,30 @@
-"""Op passes: one module per op family, each registering handlers for the ATen ops it understands.
+"""Op passes: one module per op family, each registering handlers for the ATen ops it understands, and pattern
+passes for multi-node idioms (RMSNorm, matmul+softmax attention). See docs/passes.md.
 
 A handler is ``handler(ctx: InferContext, node: torch.fx.Node) -> None``; it sets the spaces of the node's
 output axes and links them to its inputs'. Support for a new op is added with ``@register(torch.ops.aten.x)``
-in a new module here (or from user code); an op without a handler freezes every space it touches.
+in a new module here or from user code (``replace=True`` to override a built-in), or per call with
+``otfx.analyse(model, passes={op: handler})``. An op without a handler freezes every space it touches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from otfx.passes.registry import (
+    OpPass,
+    PassesArg,
+    PassRegistrationError,
+    Pattern,
+    Registry,
+    passes_key,
+    target_name,
+)
 
-PASSES: dict[object, Callable] = {}
-
-
-def register(*targets) -> Callable:
-    """Register a handler for one or more op targets (``torch.ops.aten.linear.default`` or an overload packet)."""
-
-    def wrap(fn: Callable) -> Callable:
-        for target in targets:
-            PASSES[target] = fn
-        return fn
-
-    return wrap
-
-
-def lookup(target) -> Callable | None:
-    """The handler for an op: by exact overload first, then by its overload packet."""
-    if target in PASSES:
-        return PASSES[target]
-    packet = getattr(target, "overloadpacket", None)
-    return PASSES.get(packet) if packet is not None else None
-
+#: the default registry, which ``otfx.analyse`` uses
+REGISTRY = Registry()
+register = REGISTRY.register
+register_pattern = REGISTRY.register_pattern
+unregister = REGISTRY.unregister
+lookup = REGISTRY.lookup
 
 from otfx.passes import (  # noqa: E402,F401  (importing registers the handlers)
     attention,
@@ -37,7 +32,12 @@ from otfx.passes import (  # noqa: E402,F401  (importing registers the handlers)
     contraction,
     elementwise,
     indexing,
+    matmul_attention,
     norm,
     reduction,
+    rms_norm,
     shape,
 )
+
+__all__ = ["REGISTRY", "OpPass", "PassRegistrationError", "PassesArg", "Pattern", "Registry", "lookup",
+           "passes_key", "register", "register_pattern", "target_name", "unregister"]

@@ -23,27 +23,32 @@ UNARY = [
     aten.softplus.default, aten.mish.default, aten.hardswish.default, aten.hardsigmoid.default,
     aten.relu_.default, aten.gelu_.default, aten.silu_.default,
     aten.pow.Tensor_Scalar, aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default,
-    aten.dropout.default, aten.alpha_dropout.default, aten.feature_dropout.default,
-    aten.clone.default, aten.alias.default, aten.contiguous.default, aten.detach.default,
-    aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.to.other, aten._to_copy.default,
-    aten.type_as.default, aten.lift_fresh_copy.default, aten.nan_to_num.default,
+    aten.alpha_dropout.default, aten.feature_dropout.default,
+    aten.to.other, aten.type_as.default, aten.nan_to_num.default,
     aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
     aten.masked_fill.Scalar, aten.fill.Scalar,
 ]
+
+#: copies and casts: a parameter read through them is still that parameter
+VIEW_LIKE = [aten.clone.default, aten.alias.default, aten.contiguous.default, aten.detach.default,
+             aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default,
+             aten.lift_fresh_copy.default, aten.dropout.default]
+
+
+def _same_as_input(ctx: InferContext, node: fx.Node) -> None:
+    ctx.set_axes(node, list(ctx.axes_of(node.args[0])))
 
 
 @register(*UNARY)
 def unary(ctx: InferContext, node: fx.Node) -> None:
     """Same spaces as the input (softmax over an axis is equivariant to permuting it)."""
-    x = node.args[0]
-    ctx.set_axes(node, list(ctx.axes_of(x)))
-    if x in ctx.param_view and node.target in VIEW_LIKE:
-        ctx.param_view[node] = ctx.param_view[x]
+    _same_as_input(ctx, node)
 
 
-VIEW_LIKE = {aten.clone.default, aten.alias.default, aten.contiguous.default, aten.detach.default,
-             aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default,
-             aten.lift_fresh_copy.default, aten.dropout.default}
+@register(*VIEW_LIKE, view=True)
+def copy(ctx: InferContext, node: fx.Node) -> None:
+    """Same spaces as the input; eval-mode dropout is the identity."""
+    _same_as_input(ctx, node)
 
 
 def _tensors(node: fx.Node) -> list[fx.Node]:

@@ -25,7 +25,7 @@ def getitem(ctx: InferContext, node: fx.Node) -> None:
     ctx.set_axes(node, items[index] if isinstance(items, list) and isinstance(items[index], list) else None)
 
 
-@register(aten.slice.Tensor)
+@register(aten.slice.Tensor, view=True)
 def slice_(ctx: InferContext, node: fx.Node) -> None:
     x = node.args[0]
     axes, in_shape = ctx.axes_of(x), ctx.shape(x)
@@ -38,8 +38,6 @@ def slice_(ctx: InferContext, node: fx.Node) -> None:
     end = n if end is None else min(n, end + n if end < 0 else end)
     if start == 0 and end >= n and step == 1:
         ctx.set_axes(node, list(axes))
-        if x in ctx.param_view:
-            ctx.param_view[node] = ctx.param_view[x]
         return
     if step != 1:
         ctx.fix_node(node, "strided slice", unknown=False)

@@ -14,7 +14,7 @@ aten = torch.ops.aten
 
 
 @register(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
-          aten.unflatten.int, aten.view_as.default, aten.reshape_as.default)
+          aten.unflatten.int, aten.view_as.default, aten.reshape_as.default, view=True)
 def reshape(ctx: InferContext, node: fx.Node) -> None:
     """Both shapes are cut into their common refinement (atoms): an axis spanning several atoms is their
     product, e.g. [seq, batch, heads*dim] -> [seq, batch*heads, dim] gives atoms batch, heads, dim."""
@@ -79,12 +79,9 @@ def _reorder(ctx: InferContext, node: fx.Node, order: list[int]) -> None:
     x = node.args[0]
     axes = ctx.axes_of(x)
     ctx.set_axes(node, [axes[i] for i in order])
-    if x in ctx.param_view:
-        name, mapping = ctx.param_view[x]
-        ctx.param_view[node] = (name, [mapping[i] for i in order])
 
 
-@register(aten.transpose.int, aten.swapaxes.default)
+@register(aten.transpose.int, aten.swapaxes.default, view=True)
 def transpose(ctx: InferContext, node: fx.Node) -> None:
     ndim = len(ctx.shape(node.args[0]))
     a, b = dim_index(node.args[1], ndim), dim_index(node.args[2], ndim)
@@ -93,18 +90,18 @@ def transpose(ctx: InferContext, node: fx.Node) -> None:
     _reorder(ctx, node, order)
 
 
-@register(aten.t.default, aten.numpy_T.default)
+@register(aten.t.default, aten.numpy_T.default, view=True)
 def t(ctx: InferContext, node: fx.Node) -> None:
     _reorder(ctx, node, list(range(len(ctx.shape(node.args[0]))))[::-1])
 
 
-@register(aten.permute.default)
+@register(aten.permute.default, view=True)
 def permute(ctx: InferContext, node: fx.Node) -> None:
     ndim = len(ctx.shape(node.args[0]))
     _reorder(ctx, node, [dim_index(d, ndim) for d in node.args[1]])
 
 
-@register(aten.movedim.int)
+@register(aten.movedim.int, view=True)
 def movedim(ctx: InferContext, node: fx.Node) -> None:
     ndim = len(ctx.shape(node.args[0]))
     order = list(range(ndim))
@@ -118,12 +115,9 @@ def _insert_axes(ctx: InferContext, node: fx.Node, mapping: list[int | None]) ->
     x = node.args[0]
     axes, shape = ctx.axes_of(x), ctx.shape(node)
     ctx.set_axes(node, [axes[m] if m is not None else ctx.spaces.new(shape[j]) for j, m in enumerate(mapping)])
-    if x in ctx.param_view:
-        name, pmap = ctx.param_view[x]
-        ctx.param_view[node] = (name, [pmap[m] if m is not None else None for m in mapping])
 
 
-@register(aten.unsqueeze.default)
+@register(aten.unsqueeze.default, view=True)
 def unsqueeze(ctx: InferContext, node: fx.Node) -> None:
     ndim = len(ctx.shape(node))
     d = dim_index(node.args[1], ndim)
@@ -132,7 +126,7 @@ def unsqueeze(ctx: InferContext, node: fx.Node) -> None:
     _insert_axes(ctx, node, mapping)
 
 
-@register(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+@register(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, view=True)
 def squeeze(ctx: InferContext, node: fx.Node) -> None:
     in_shape = ctx.shape(node.args[0])
     dims = arg(node, 1, "dim", None)
@@ -142,7 +136,7 @@ def squeeze(ctx: InferContext, node: fx.Node) -> None:
     _insert_axes(ctx, node, [i for i in range(len(in_shape)) if not (i in dims and in_shape[i] == 1)])
 
 
-@register(aten.expand.default, aten.expand_as.default, aten.broadcast_to.default)
+@register(aten.expand.default, aten.expand_as.default, aten.broadcast_to.default, view=True)
 def expand(ctx: InferContext, node: fx.Node) -> None:
     in_shape, out_shape = ctx.shape(node.args[0]), ctx.shape(node)
     lead = len(out_shape) - len(in_shape)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import fx
 
+from otfx.infer.kinds import LinkKind, RecordKind
 from otfx.infer.spaces import Spaces
 
 Axes = list[int]
@@ -14,13 +16,46 @@ Axes = list[int]
 
 @dataclass
 class Record:
-    """A flow-graph event seen by a pass: a residual add, a concat, an attention, a norm or a layer."""
+    """A flow-graph event seen by a pass: a residual add, a concat, an attention, a norm or a layer.
 
-    kind: str
+    ``kind`` is a ``RecordKind`` (a ``str`` enum: ``record.kind == "residual"`` works); ``inputs``/``output``
+    are space ids; ``info`` holds the kind's extras (see ``RecordKind``).
+    """
+
+    kind: RecordKind
     node: str
     inputs: list[int]
     output: int | None = None
     info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.kind = RecordKind.parse(self.kind)
+
+
+class Producer(NamedTuple):
+    """Parameter rows that create (or describe) a space: a layer's output, a class token, a position table."""
+
+    space: int
+    param: str
+    axis: int
+    node: str
+
+
+class Frozen(NamedTuple):
+    """An op that froze spaces: its target, node, whether no pass knows it, and the spaces it touched."""
+
+    op: str
+    node: str
+    unknown: bool
+    spaces: list[int]
+
+
+class Conflict(NamedTuple):
+    """Structures that could not be reconciled (sizes or products that do not align) at one op."""
+
+    op: str
+    node: str
+    why: str
 
 
 @dataclass
@@ -38,12 +73,14 @@ class InferContext:
     secondary: set[fx.Node] = field(default_factory=set)
     param_axes: dict[str, Axes] = field(default_factory=dict)
     buffer_axes: dict[str, Axes] = field(default_factory=dict)
-    producers: list[tuple[int, str, int, str]] = field(default_factory=list)  # (space, param, axis, node)
+    producers: list[Producer] = field(default_factory=list)
     #: parameter axes contracted with an activation (a layer's input side)
     consumed: set[tuple[str, int]] = field(default_factory=set)
     records: list[Record] = field(default_factory=list)
     #: ops that froze spaces: (op, node, unknown to every pass?, spaces frozen)
-    frozen_by: list[tuple[str, str, bool, list[int]]] = field(default_factory=list)
+    frozen_by: list[Frozen] = field(default_factory=list)
+    #: conflicts between structures, by the op where they appeared
+    conflicts: list[Conflict] = field(default_factory=list)
     #: factor spaces split by select/unbind: factor root -> (parent space, copies per index)
     factor_splits: dict[int, tuple[int, list[dict[int, int]]]] = field(default_factory=dict)
 
@@ -72,22 +109,35 @@ class InferContext:
     def fresh(self, shape, fixed: str | None = None) -> Axes:
         return [self.spaces.new(s, fixed) for s in shape]
 
-    def link(self, a: int, b: int, kind: str = "exact") -> None:
+    def link(self, a: int, b: int, kind: LinkKind | str = LinkKind.exact) -> None:
         self.spaces.link(a, b, kind)
+
+    def pass_view(self, node: fx.Node, source: fx.Node) -> None:
+        """A view-like op of a parameter reads the same parameter: its axis j is the parameter axis whose space
+        it carries. Only whole views pass (no axis longer than 1 dropped or cut), so a sliced table does not."""
+        view = self.param_view.get(source)
+        in_axes, out_axes = self.axes_of(source), self.axes_of(node)
+        if view is None or in_axes is None or out_axes is None:
+            return
+        kept = set(out_axes)
+        if any(sid not in kept and self.spaces.size(sid) > 1 for sid in in_axes):
+            return
+        where = {sid: view[1][i] for i, sid in enumerate(in_axes)}
+        self.param_view[node] = (view[0], [where.get(sid) for sid in out_axes])
 
     def produce(self, space: int, weight: fx.Node, axis: int, node: fx.Node) -> None:
         """Record that ``space`` is created by the rows of ``weight`` along ``axis`` (a layer's output)."""
         view = self.param_view.get(weight)
         if view is not None and view[1][axis] is not None:
-            self.producers.append((space, view[0], view[1][axis], node.name))
-        self.records.append(Record("layer", node.name, [], space, {"weight": view[0] if view else None}))
+            self.producers.append(Producer(space, view[0], view[1][axis], node.name))
+        self.records.append(Record(RecordKind.layer, node.name, [], space, {"weight": view[0] if view else None}))
 
     def write(self, space: int, param: fx.Node, axis: int, node: fx.Node) -> None:
         """Record that a parameter is added into ``space`` as it is (a class token or position table): its
         values along ``axis`` describe the neurons of that space, like a layer's rows."""
         view = self.param_view.get(param)
         if view is not None and axis < len(view[1]) and view[1][axis] is not None:
-            self.producers.append((space, view[0], view[1][axis], node.name))
+            self.producers.append(Producer(space, view[0], view[1][axis], node.name))
 
     def consume(self, weight: fx.Node, axis: int) -> None:
         """Record that ``weight``'s ``axis`` is contracted with an input activation."""
@@ -103,8 +153,9 @@ class InferContext:
             node = node.args[0]
         return node is not None
 
-    def record(self, kind: str, node: fx.Node, inputs: list[int], output: int | None = None, **info) -> None:
-        self.records.append(Record(kind, node.name, inputs, output, info))
+    def record(self, kind: RecordKind | str, node: fx.Node, inputs: list[int], output: int | None = None,
+               **info) -> None:
+        self.records.append(Record(RecordKind.parse(kind), node.name, inputs, output, info))
 
     def fix_node(self, node: fx.Node, reason: str, *, unknown: bool) -> None:
         """Make every space that this node reads or writes fixed (used for ops no pass understands)."""
@@ -112,7 +163,7 @@ class InferContext:
         for sid in touched:
             self.spaces.fix(sid, reason)
         self.set_axes(node, self.fresh_like(node.meta.get("val"), reason))
-        self.frozen_by.append((str(node.target), node.name, unknown, touched))
+        self.frozen_by.append(Frozen(str(node.target), node.name, unknown, touched))
 
     def fresh_like(self, val, fixed: str | None = None):
         if isinstance(val, torch.Tensor):

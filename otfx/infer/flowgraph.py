@@ -7,22 +7,10 @@ import networkx as nx
 from torch import fx
 
 from otfx.infer.context import Record
+from otfx.infer.kinds import RecordKind
 
-KINDS = ("layer", "norm", "residual", "concat", "attention")
-
-
-def _op(node: fx.Node) -> str:
-    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
-
-
-def _rms_norms(graph: fx.Graph) -> list[str]:
-    """The RMSNorm pattern: x * rsqrt(mean(x ** 2) + eps), found at the multiplication."""
-    found = []
-    for node in graph.nodes:
-        if node.op == "call_function" and _op(node) == "mul":
-            if any(isinstance(a, fx.Node) and _op(a) == "rsqrt" for a in node.args):
-                found.append(node.name)
-    return found
+#: the record kinds that are flow-graph nodes (a plain matmul is part of an attention or a layer)
+KINDS = (RecordKind.layer, RecordKind.norm, RecordKind.residual, RecordKind.concat, RecordKind.attention)
 
 
 def build_flow_graph(graph: fx.Graph, records: list[Record], fine, sizes) -> nx.DiGraph:
@@ -34,8 +22,8 @@ def build_flow_graph(graph: fx.Graph, records: list[Record], fine, sizes) -> nx.
     for r in records:
         if r.kind not in KINDS:
             continue
-        name = f"{r.kind}:{r.node}"
-        attrs = {"kind": r.kind, "op": r.node}
+        name = f"{r.kind.value}:{r.node}"
+        attrs = {"kind": r.kind.value, "op": r.node}
         if r.output is not None:
             attrs["space"] = fine(r.output)
             attrs["size"] = sizes(r.output)
@@ -46,10 +34,6 @@ def build_flow_graph(graph: fx.Graph, records: list[Record], fine, sizes) -> nx.
         if r.kind == "attention" and r.info.get("form") == "matmul+softmax":
             for part in r.info.get("matmuls", []):
                 owner[part] = name
-    for norm in _rms_norms(graph):
-        if norm not in owner:
-            g.add_node(f"norm:{norm}", kind="norm", op=norm)
-            owner[norm] = f"norm:{norm}"
     for node in graph.nodes:
         if node.op == "placeholder" and node.users and not node.name.startswith(("p_", "b_", "c_")):
             _connect(g, owner, "input", node)

@@ -7,47 +7,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import networkx as nx
-from torch import fx
 
-from otfx.infer.context import InferContext, Record
+from otfx.infer.context import Conflict, Frozen, InferContext, Producer, Record
 from otfx.infer.spaces import Spaces
 from otfx.trace import Traced
-
-_PASS_THROUGH = {"mul", "div", "add", "sub", "where", "masked_fill", "to", "_to_copy", "dropout", "clone",
-                 "alias", "contiguous"}
-
-
-def _op_name(node: fx.Node) -> str:
-    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
-
-
-def find_matmul_attention(graph: fx.Graph, records: list[Record]) -> list[Record]:
-    """Attention written as matmul -> (scale, mask) -> softmax -> (dropout) -> matmul."""
-    matmuls = {r.node: r for r in records if r.kind == "matmul"}
-    found = []
-    for node in graph.nodes:
-        if node.op != "call_function" or _op_name(node) not in ("softmax", "_softmax"):
-            continue
-        src = node.args[0]
-        while isinstance(src, fx.Node) and src.name not in matmuls and _op_name(src) in _PASS_THROUGH:
-            src = next((a for a in src.args if isinstance(a, fx.Node)), None)
-        if not isinstance(src, fx.Node) or src.name not in matmuls:
-            continue
-        dst, frontier = None, [node]
-        while frontier and dst is None:
-            current = frontier.pop()
-            for user in current.users:
-                if user.name in matmuls and user.args[0] is current:
-                    dst = user
-                elif _op_name(user) in ("dropout", "to", "_to_copy", "clone", "alias"):
-                    frontier.append(user)
-        if dst is None:
-            continue
-        scores, mix = matmuls[src.name], matmuls[dst.name]
-        found.append(Record("attention", node.name, [scores.inputs[0], scores.inputs[1], mix.output], mix.output,
-                            {"heads": [scores.info["a_heads"], scores.info["b_heads"], mix.info["b_heads"]],
-                             "form": "matmul+softmax", "matmuls": [src.name, dst.name]}))
-    return found
 
 
 @dataclass
@@ -59,20 +22,21 @@ class Inference:
     param_axes: dict[str, list[int]]
     buffer_axes: dict[str, list[int]]
     #: (space, parameter, axis, node): the parameter rows that create a space (a layer's output)
-    producer_list: list[tuple[int, str, int, str]]
+    producer_list: list[Producer]
     records: list[Record]
-    frozen_by: list[tuple[str, str, bool, list[int]]]
+    frozen_by: list[Frozen]
     #: parameter axes contracted with an input activation (a layer's input side)
     consumed: set[tuple[str, int]] = field(default_factory=set)
     node_axes: dict[str, list[int]] = field(default_factory=dict)
     roles: dict[int, str] = field(default_factory=dict)
     flow_graph: nx.DiGraph = field(default_factory=nx.DiGraph)
+    #: structures that could not be reconciled, by op (their spaces are fixed); reported by ``coverage()``
+    conflicts: list[Conflict] = field(default_factory=list)
 
     @classmethod
     def build(cls, traced: Traced, ctx: InferContext) -> Inference:
-        records = ctx.records + find_matmul_attention(traced.graph, ctx.records)
-        result = cls(traced, ctx.spaces, ctx.param_axes, ctx.buffer_axes, list(ctx.producers), records,
-                     ctx.frozen_by, set(ctx.consumed))
+        result = cls(traced, ctx.spaces, ctx.param_axes, ctx.buffer_axes, list(ctx.producers), list(ctx.records),
+                     ctx.frozen_by, set(ctx.consumed), conflicts=list(ctx.conflicts))
         result.node_axes = {n.name: ax for n, ax in ctx.axes.items()  # computed tensors, for activations
                             if n.op == "call_function" and isinstance(ax, list) and all(isinstance(a, int) for a in ax)}
         result.roles = result._roles()
@@ -156,24 +120,35 @@ class Inference:
 
     # ---- reporting -----------------------------------------------------------------------------------
     def coverage(self) -> dict[str, dict]:
-        """Ops that no pass understands, and known ops that froze spaces acting on parameters.
+        """Ops that no pass understands, known ops that froze spaces acting on parameters, and ops where
+        structures conflicted (their spaces are fixed too).
 
-        ``{op: {"nodes": [...], "unknown": bool, "params": ["name axis k", ...]}}``; harmless mask bookkeeping
-        (known ops that touch no parameter space) is left out.
+        ``{op: {"nodes": [...], "unknown": bool, "params": ["name axis k", ...], "conflicts": [why, ...]}}``;
+        harmless mask bookkeeping (known ops that touch no parameter space) is left out.
         """
         by_space: dict[int, list[str]] = defaultdict(list)
         for fqn, axes in self.param_axes.items():
             for axis, sid in enumerate(axes):
                 by_space[self.coarse(sid)].append(f"{fqn} axis {axis}")
         report: dict[str, dict] = {}
+
+        def entry(op: str, unknown: bool) -> dict:
+            return report.setdefault(op, {"nodes": [], "unknown": unknown, "params": [], "conflicts": []})
+
         for op, node, unknown, touched in self.frozen_by:
             params = sorted({p for sid in touched for leaf in [sid, *self.leaves(sid)]
                              for p in by_space.get(self.coarse(leaf), [])})
             if not unknown and not params:
                 continue
-            entry = report.setdefault(op, {"nodes": [], "unknown": unknown, "params": []})
-            entry["nodes"].append(node)
-            entry["params"] = sorted(set(entry["params"]) | set(params))
+            found = entry(op, unknown)
+            found["nodes"].append(node)
+            found["params"] = sorted(set(found["params"]) | set(params))
+        for op, node, why in self.conflicts:
+            found = entry(op, False)
+            if node and node not in found["nodes"]:
+                found["nodes"].append(node)
+            if why not in found["conflicts"]:
+                found["conflicts"].append(why)
         return report
 
     def summary(self) -> str:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-#: link kinds that merge spaces in the coarse partition only
-SOFT_KINDS = frozenset({"residual", "concat", "contract", "tied"})
+from otfx.infer.kinds import SOFT_KINDS, LinkKind
+
+__all__ = ["SOFT_KINDS", "Partition", "Spaces", "align_groups", "merged"]
 
 
 @dataclass
@@ -174,7 +175,7 @@ class Spaces:
     #: the traced length, and the rest is used at other lengths)
     together: list[list[int]] = field(default_factory=list)
     #: the links that merged coarse classes only: (a, b, kind)
-    soft_links: list[tuple[int, int, str]] = field(default_factory=list)
+    soft_links: list[tuple[int, int, LinkKind]] = field(default_factory=list)
 
     def new(self, size: int, fixed: str | None = None) -> int:
         sid = self.coarse.add(size)
@@ -193,10 +194,11 @@ class Spaces:
     def is_fixed(self, sid: int) -> bool:
         return self.coarse.is_fixed(sid)
 
-    def link(self, a: int, b: int, kind: str = "exact") -> None:
+    def link(self, a: int, b: int, kind: LinkKind | str = LinkKind.exact) -> None:
         """Declare two axes the same space (``exact``) or coupled through a flow-graph node (soft kinds)."""
+        kind = LinkKind.parse(kind)
         self.coarse.union(a, b)
-        if kind in SOFT_KINDS:
+        if kind.soft:
             self.soft_links.append((a, b, kind))
         else:
             self.fine.union(a, b)

@@ -5,10 +5,35 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from otfx.infer.context import InferContext, _tensor_args
+from otfx.infer.context import Conflict, InferContext, _tensor_args
 from otfx.infer.result import Inference
-from otfx.passes import lookup
+from otfx.passes import REGISTRY, Registry, target_name
 from otfx.trace import Traced
+
+
+class PassError(RuntimeError):
+    """A pass raised while handling a node: names the pass, the node, its op and where it is in the model."""
+
+
+def _where(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()), None) if stack else None
+    return f" in module {path[0]!r}" if path and path[0] else ""
+
+
+def _run(ctx: InferContext, handler, node: fx.Node, what: str):
+    """Call a pass on a node; a pass that raises is reported with the node, the op and the pass."""
+    conflicts = len(ctx.spaces.coarse.conflicts), len(ctx.spaces.fine.conflicts)
+    try:
+        result = handler(ctx, node)
+    except Exception as exc:
+        name = f"{getattr(handler, '__module__', '?')}.{getattr(handler, '__qualname__', handler)}"
+        raise PassError(f"{what} {name} failed on node {node.name!r} (op {target_name(node.target)}"
+                        f"{_where(node)}): {type(exc).__name__}: {exc}") from exc
+    new = ctx.spaces.coarse.conflicts[conflicts[0]:] + ctx.spaces.fine.conflicts[conflicts[1]:]
+    for why in dict.fromkeys(new):
+        ctx.conflicts.append(Conflict(target_name(node.target), node.name, why))
+    return result
 
 
 def _placeholder(ctx: InferContext, traced: Traced, node: fx.Node) -> None:
@@ -71,8 +96,23 @@ def _separate_reuse(ctx: InferContext, node: fx.Node) -> dict[fx.Node, list[int]
     return swapped
 
 
-def infer(traced: Traced) -> Inference:
-    """Annotate every tensor axis of ``traced`` with its transport space and build the result."""
+def _patterns(ctx: InferContext, graph: fx.Graph, registry: Registry) -> None:
+    """Run every pattern pass at the nodes of its anchor ops, in graph order."""
+    patterns = list(registry.patterns.values())
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        for pattern in patterns:
+            if node.target in pattern.anchors or getattr(node.target, "overloadpacket", None) in pattern.anchors:
+                _run(ctx, pattern.handler, node, f"pattern {pattern.name!r}")
+
+
+def infer(traced: Traced, registry: Registry | None = None) -> Inference:
+    """Annotate every tensor axis of ``traced`` with its transport space and build the result.
+
+    ``registry``: the passes to use (default: ``otfx.passes.REGISTRY``; ``Registry.with_passes`` adds per-call
+    ones)."""
+    registry = REGISTRY if registry is None else registry
     ctx = InferContext()
     for node in traced.graph.nodes:
         if node.op == "placeholder":
@@ -86,19 +126,25 @@ def infer(traced: Traced) -> Inference:
             continue
         if any(a in ctx.dynamic for a in _tensor_args(node)):
             ctx.dynamic.add(node)
-        handler = lookup(node.target)
+        op_pass = registry.lookup(node.target)
         val = node.meta.get("val")
         swapped = _separate_reuse(ctx, node)
-        if handler is None:
+        if op_pass is None:
             if isinstance(val, torch.Tensor) or isinstance(val, (tuple, list)):
                 ctx.fix_node(node, f"no pass understands {node.target}", unknown=True)
             else:
                 ctx.set_axes(node, None)
             continue
-        handler(ctx, node)
+        _run(ctx, op_pass.handler, node, "pass")
+        if op_pass.view and node.args and isinstance(node.args[0], fx.Node):
+            ctx.pass_view(node, node.args[0])
         for param_node, axes in swapped.items():
             ctx.axes[param_node] = axes
         ctx.secondary.clear()
+    _patterns(ctx, traced.graph, registry)
     _tie(ctx, traced)
+    before = len(ctx.spaces.coarse.conflicts), len(ctx.spaces.fine.conflicts)
     ctx.spaces.close()
+    closing = ctx.spaces.coarse.conflicts[before[0]:] + ctx.spaces.fine.conflicts[before[1]:]
+    ctx.conflicts += [Conflict("closure", "", why) for why in dict.fromkeys(closing)]
     return Inference.build(traced, ctx)
