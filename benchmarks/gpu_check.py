@@ -77,7 +77,7 @@ def main() -> int:
     if provider != "CUDAExecutionProvider":
         print("  NOTE: no CUDA provider in this onnxruntime build (needs onnxruntime-gpu); comparing with ORT CPU")
 
-    from otfx import zoo
+    from otfx import testing as zoo
     from otfx.export.onnx import check_onnx, export_info, export_onnx
 
     dev = "cuda" if cuda else "cpu"

@@ -12,7 +12,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from otfx import zoo  # noqa: E402
+from otfx import testing as zoo  # noqa: E402
 
 ARCHITECTURES = list(zoo.ZOO)
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import otfx
-from otfx import zoo
+from otfx import testing as zoo
 from otfx.cli import main
 from otfx.trace import main_output
 
@@ -94,17 +94,17 @@ def test_inspect_prints_spaces_and_draws(tmp_path, capsys, models):
 
 def test_python_dash_m_otfx(models):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    done = subprocess.run([sys.executable, "-m", "otfx", "inspect", "otfx.zoo:matmul_encoder", *TOKENS, "--quiet"],
+    done = subprocess.run([sys.executable, "-m", "otfx", "inspect", "otfx.testing:matmul_encoder", *TOKENS, "--quiet"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "MatmulEncoder from otfx.zoo:matmul_encoder" in done.stdout and "free spaces: 9" in done.stdout
+    assert "MatmulEncoder from otfx.testing:matmul_encoder" in done.stdout and "free spaces: 9" in done.stdout
 
 
 def test_inspect_timm_and_factory(capsys, models):
     code, out, err = run(capsys, "inspect", TIMM, "--checkpoint", models["timm_0"], "--quiet")
     assert code == 0, err
     assert "VisionTransformer from timm:vit_tiny_patch16_224" in out and "free spaces: 9" in out
-    code, out, err = run(capsys, "inspect", "otfx.zoo:matmul_encoder", "--model-kwargs", '{"seed": 1}', *TOKENS)
+    code, out, err = run(capsys, "inspect", "otfx.testing:matmul_encoder", "--model-kwargs", '{"seed": 1}', *TOKENS)
     assert code == 0, err
     assert "MatmulEncoder" in out and "no --checkpoint" in err
 
@@ -123,9 +123,9 @@ def error_cases(models, tmp: Path) -> list[tuple[list, str]]:
     return [
         (["inspect", tmp / "missing"], "no such file or folder: "),
         (["inspect", tmp / "plain"], "is not a model: it has no config.json"),
-        (["inspect", "otfx.zoo:nope"], "module 'otfx.zoo' has no 'nope'"),
-        (["inspect", "otfx.zoo:matmul_encoder", "--checkpoint", tmp / "narrow.pt", *TOKENS], "does not fit"),
-        (["inspect", "otfx.zoo:matmul_encoder"], "pass --input-shape"),
+        (["inspect", "otfx.testing:nope"], "module 'otfx.testing' has no 'nope'"),
+        (["inspect", "otfx.testing:matmul_encoder", "--checkpoint", tmp / "narrow.pt", *TOKENS], "does not fit"),
+        (["inspect", "otfx.testing:matmul_encoder"], "pass --input-shape"),
         (["inspect", "test_cli:make_untraceable", "--input-shape", "2x4"], "torch.export could not trace"),
         (["inspect", models["bert_a"], "--png", tmp / "g.svg"], "use a .dot, .graphml or .png"),
         (["fuse", models["bert_a"], models["vit_a"], "--out", tmp / "o1"], "architectures do not match"),
@@ -255,7 +255,7 @@ def test_fuse_timm_and_factory_with_stub(tmp_path, capsys, models, monkeypatch):
 
     for seed in (1, 2):
         torch.save(zoo.matmul_encoder(seed=seed).state_dict(), tmp_path / f"enc{seed}.pt")
-    code, _, err = run(capsys, "fuse", "otfx.zoo:matmul_encoder", "otfx.zoo:matmul_encoder", "--checkpoint",
+    code, _, err = run(capsys, "fuse", "otfx.testing:matmul_encoder", "otfx.testing:matmul_encoder", "--checkpoint",
                        tmp_path / "enc1.pt", "--checkpoint", tmp_path / "enc2.pt", *TOKENS, "--out",
                        tmp_path / "enc", "--quiet")
     assert code == 0, err
@@ -343,12 +343,13 @@ def test_fuse_timm_and_factory_match_python(tmp_path, capsys, models):
 
     for seed in (1, 2):
         torch.save(zoo.matmul_encoder(seed=seed).state_dict(), tmp_path / f"enc{seed}.pt")
-    code, _, err = run(capsys, "fuse", "otfx.zoo:matmul_encoder", "otfx.zoo:matmul_encoder", "--checkpoint",
+    code, _, err = run(capsys, "fuse", "otfx.testing:matmul_encoder", "otfx.testing:matmul_encoder", "--checkpoint",
                        tmp_path / "enc1.pt", "--checkpoint", tmp_path / "enc2.pt", *TOKENS, "--out",
                        tmp_path / "enc", "--quiet")
     assert code == 0, err
     spec = InputSpec.parse("2x8", "long", zoo.VOCAB)
-    loaded = [load_model("otfx.zoo:matmul_encoder", checkpoint=tmp_path / f"enc{s}.pt", inputs=spec) for s in (1, 2)]
+    loaded = [load_model("otfx.testing:matmul_encoder", checkpoint=tmp_path / f"enc{s}.pt", inputs=spec)
+              for s in (1, 2)]
     fused_py, example = python_fuse(loaded)
     assert_same_outputs(load_model(tmp_path / "enc").model, fused_py.eval(), example)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import otfx
-from otfx import zoo
+from otfx import testing as zoo
 from otfx.align.activations import _sequence_filter, batches_like, collect
 from otfx.align.config import FusionConfig
 from otfx.align.maps import (

@@ -9,7 +9,7 @@ import torch
 from conftest import assert_state_unchanged, state_copy
 
 import otfx
-from otfx import zoo
+from otfx import testing as zoo
 from otfx.align.config import FusionConfig
 from otfx.align.rewrite import aligned_params
 from otfx.fuse import compute_maps

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import assert_state_unchanged, state_copy
 
-from otfx import zoo
+from otfx import testing as zoo
 from otfx.io import OtfxInputError, atomic_dir
 from otfx.io.data import load_data, load_labelled
 from otfx.io.models import InputSpec, example_inputs, load_model, save_model
@@ -82,9 +82,9 @@ def test_timm_with_safetensors_and_sidecar(tmp_path):
 def test_factory_with_checkpoint(tmp_path):
     target = zoo.matmul_encoder(seed=2)
     torch.save(target.state_dict(), tmp_path / "enc.pt")
-    loaded = load_model("otfx.zoo:matmul_encoder", checkpoint=tmp_path / "enc.pt", model_kwargs={"seed": 1})
+    loaded = load_model("otfx.testing:matmul_encoder", checkpoint=tmp_path / "enc.pt", model_kwargs={"seed": 1})
     assert loaded.kind == "factory" and same_state(loaded.model, target)
-    assert loaded.rebuild == {"kind": "factory", "factory": "otfx.zoo:matmul_encoder", "kwargs": {"seed": 1},
+    assert loaded.rebuild == {"kind": "factory", "factory": "otfx.testing:matmul_encoder", "kwargs": {"seed": 1},
                               "checkpoint": str(tmp_path / "enc.pt")}
     with pytest.raises(OtfxInputError, match="--input-shape"):
         example_inputs(loaded)
@@ -94,10 +94,10 @@ def test_factory_with_checkpoint(tmp_path):
 
 @pytest.mark.parametrize(("spec", "kwargs", "message"), [
     ("no_such_pkg.mod:make", None, "cannot import 'no_such_pkg.mod'"),
-    ("otfx.zoo:no_such_factory", None, "has no 'no_such_factory'"),
-    ("otfx.zoo:VOCAB", None, "not a callable factory"),
-    ("otfx.zoo:bert", {"wings": 2}, "rejected the kwargs"),
-    ("otfx.zoo:inputs", {"name": "bert", "batch": 1, "seq": 2}, "not a torch.nn.Module"),
+    ("otfx.testing:no_such_factory", None, "has no 'no_such_factory'"),
+    ("otfx.testing:VOCAB", None, "not a callable factory"),
+    ("otfx.testing:bert", {"wings": 2}, "rejected the kwargs"),
+    ("otfx.testing:inputs", {"name": "bert", "batch": 1, "seq": 2}, "not a torch.nn.Module"),
 ])
 def test_factory_errors(spec, kwargs, message):
     with pytest.raises(OtfxInputError, match=message):
@@ -107,15 +107,15 @@ def test_factory_errors(spec, kwargs, message):
 def test_checkpoint_that_does_not_fit(tmp_path, hf_dirs):
     torch.save(zoo.matmul_encoder(hidden=16).state_dict(), tmp_path / "narrow.pt")
     with pytest.raises(OtfxInputError, match=r"does not fit MatmulEncoder: .*wrong shape"):
-        load_model("otfx.zoo:matmul_encoder", checkpoint=tmp_path / "narrow.pt")
+        load_model("otfx.testing:matmul_encoder", checkpoint=tmp_path / "narrow.pt")
     torch.save({"foo": torch.zeros(1)}, tmp_path / "foreign.pt")
     with pytest.raises(OtfxInputError, match=r"missing .* unexpected \(foo\)"):
-        load_model("otfx.zoo:matmul_encoder", checkpoint=tmp_path / "foreign.pt")
+        load_model("otfx.testing:matmul_encoder", checkpoint=tmp_path / "foreign.pt")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(OtfxInputError, match="cannot read checkpoint .*junk.safetensors"):
-        load_model("otfx.zoo:matmul_encoder", checkpoint=tmp_path / "junk.safetensors")
+        load_model("otfx.testing:matmul_encoder", checkpoint=tmp_path / "junk.safetensors")
     with pytest.raises(OtfxInputError, match="checkpoint .*absent.pt does not exist"):
-        load_model("otfx.zoo:matmul_encoder", checkpoint=tmp_path / "absent.pt")
+        load_model("otfx.testing:matmul_encoder", checkpoint=tmp_path / "absent.pt")
 
 
 def test_missing_and_non_model_paths(tmp_path):
@@ -143,12 +143,12 @@ def test_save_hf_loads_with_from_pretrained(tmp_path, hf_dirs):
 
 
 def test_save_non_hf_with_tied_weights(tmp_path):
-    anchor = load_model("otfx.zoo:gpt2", model_kwargs={"seed": 0}, inputs=InputSpec.parse("2x8", "long", 97))
+    anchor = load_model("otfx.testing:gpt2", model_kwargs={"seed": 0}, inputs=InputSpec.parse("2x8", "long", 97))
     fused = zoo.gpt2(seed=3)
     assert fused.lm_head.weight is fused.transformer.wte.weight  # tied: plain safetensors would refuse
     save_model(anchor, fused, tmp_path / "out")
     meta = json.loads((tmp_path / "out" / "otfx-model.json").read_text())
-    assert meta["kind"] == "factory" and meta["factory"] == "otfx.zoo:gpt2" and meta["inputs"]["shape"] == [2, 8]
+    assert meta["kind"] == "factory" and meta["factory"] == "otfx.testing:gpt2" and meta["inputs"]["shape"] == [2, 8]
     reloaded = load_model(tmp_path / "out")
     assert same_state(reloaded.model, fused)
     (ids,) = example_inputs(reloaded)

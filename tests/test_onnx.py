@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from otfx import zoo  # noqa: E402
+from otfx import testing as zoo  # noqa: E402
 from otfx.export import onnx as ox  # noqa: E402
 from otfx.export.onnx import OnnxCheck, OnnxExportError, check_onnx, export_info, export_onnx  # noqa: E402
 

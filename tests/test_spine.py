@@ -10,7 +10,7 @@ from conftest import assert_state_unchanged, state_copy
 from torch import nn
 
 import otfx
-from otfx import zoo
+from otfx import testing as zoo
 from otfx.symmetry import permute_model, space_permutations
 from otfx.trace import main_output
 

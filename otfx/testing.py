@@ -1,14 +1,19 @@
-"""Tiny transformers of many families, built from configs with random weights.
+"""Build tiny models to self-test your own passes: small transformers of many families with random weights.
 
-Used by the tests, the benchmarks and users who want to self-test otfx on known architectures. Each builder
-returns ``(model, example_inputs)``; ``inputs(name, batch, seq)`` makes fresh inputs of another shape.
+``build(name)`` returns ``(model, example_inputs)`` for each name in :data:`ZOO` (HF BERT, ViT, GPT-2, Llama with
+grouped-query attention, timm ViT, vit-pytorch, hand-written matmul and ``nn.TransformerEncoder`` encoders);
+``inputs(name, batch, seq)`` makes fresh inputs of another shape. A pass you register should leave, e.g.,
+``otfx.random_symmetry(otfx.trace(model, args))`` computing the same function on all of them. ``timm_vit`` and
+``vit_pytorch`` need the optional packages ``timm`` and ``vit-pytorch``.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -16,6 +21,15 @@ from torch import nn
 VOCAB = 97
 IMAGE = 16
 PATCH = 4
+
+
+def _optional(module: str, package: str, builder: str) -> ModuleType:
+    """Import an optional dependency, or say which pip package the builder needs."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"otfx.testing.{builder} needs the optional package {package!r}: "
+                          f"pip install {package}") from err
 
 
 @dataclass(frozen=True)
@@ -79,10 +93,10 @@ def llama(seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 4, mlp:
 
 def timm_vit(seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 4, mlp: int = 64,
              fused_attn: bool = True) -> nn.Module:
-    import timm
+    vision_transformer = _optional("timm.models.vision_transformer", "timm", "timm_vit")
 
     torch.manual_seed(seed)
-    model = timm.models.vision_transformer.VisionTransformer(
+    model = vision_transformer.VisionTransformer(
         img_size=IMAGE, patch_size=PATCH, embed_dim=hidden, depth=layers, num_heads=heads,
         mlp_ratio=mlp / hidden, num_classes=10)
     for block in model.blocks:
@@ -91,10 +105,10 @@ def timm_vit(seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 4, m
 
 
 def vit_pytorch(seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 4, mlp: int = 64) -> nn.Module:
-    from vit_pytorch import ViT
+    vit = _optional("vit_pytorch", "vit-pytorch", "vit_pytorch").ViT
 
     torch.manual_seed(seed)
-    model = ViT(image_size=IMAGE, patch_size=PATCH, num_classes=10, dim=hidden, depth=layers, heads=heads,
+    model = vit(image_size=IMAGE, patch_size=PATCH, num_classes=10, dim=hidden, depth=layers, heads=heads,
                 mlp_dim=mlp, dim_head=hidden // heads)
     return _randomise(model.eval(), seed)
 
@@ -208,6 +222,8 @@ ZOO: dict[str, ZooEntry] = {
 
 def build(name: str, seed: int = 0, **config) -> tuple[nn.Module, tuple]:
     """Build a zoo model and example inputs (batch 2, sequence 8)."""
+    if name not in ZOO:
+        raise KeyError(f"otfx.testing has no model {name!r}; choose one of {sorted(ZOO)}")
     entry = ZOO[name]
     return entry.build(seed=seed, **config), entry.make_inputs(2, 8, seed)
 
