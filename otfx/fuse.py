@@ -44,29 +44,6 @@ def _check_inputs(inferences: list[Inference]) -> None:
             raise FusionError(f"the anchor's example inputs do not fit {other.traced.name}: {err}") from err
 
 
-def _activations(anchor: Inference, other: Inference, maps: TransportMaps, data) -> None:
-    """Collect, in one batched pass per model, the activations that the maps will read: the solved classes'
-    (activation cost) and the inputs of residual combinations (weighted residual policies); fixed classes
-    have no map to solve."""
-    def solved(root: int) -> bool:
-        n_a, n_b = maps.width(root)
-        return not maps.part.is_fixed(root) and not n_a == n_b == 1
-
-    roots = [r for r in maps.producers if solved(r)] if maps.config.cost == "activations" else []
-    if maps.config.residual.startswith("weighted"):
-        roots += [maps.root(s) for out, r in maps.combines.items() if r.kind == "residual" and solved(out)
-                  for s in r.inputs]
-    wanted: list[tuple[str, tuple[int, ...]]] = []
-    for root in dict.fromkeys(roots):
-        layer_nodes = [r.node for r in anchor.records if r.kind == "layer" and r.output is not None
-                       and maps.root(r.output) == root]
-        node = maps.activation_node(root, layer_nodes)
-        if node is not None:
-            wanted.append(node)
-    maps.acts_anchor = collect(anchor.traced, data, wanted, maps.config.tokens)
-    maps.acts_other = collect(other.traced, data, wanted, maps.config.tokens)
-
-
 def _write(model: nn.Module, values: dict[str, torch.Tensor]) -> nn.Module:
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
@@ -95,16 +72,19 @@ def _blend_into(dest: torch.Tensor, acc: torch.Tensor | None, anchor: torch.Tens
 
 def compute_maps(anchor: Inference, other: Inference, config: FusionConfig, data=None,
                  timings: dict[str, float] | None = None, release: bool = False) -> TransportMaps:
-    """Transport maps from ``other`` to ``anchor`` (computed on demand); activations are collected first where
-    the configuration reads them (their time is added to ``timings["collect"]``). ``release``: drop each plan
-    once the rewrite no longer needs it (``maps.maps`` is then incomplete afterwards)."""
+    """Transport maps from ``other`` to ``anchor`` (evaluated by the rewrite); the activations the
+    configuration reads are collected first, in one batched pass per model (their time is added to
+    ``timings["collect"]``). ``release``: drop each plan once the rewrite no longer needs it."""
     maps = TransportMaps(anchor, other, config)
     maps.release = release
-    if data is not None and (config.cost == "activations" or config.residual.startswith("weighted")):
-        t0 = time.perf_counter()
-        _activations(anchor, other, maps, data)
-        if timings is not None:
-            timings["collect"] = timings.get("collect", 0.0) + time.perf_counter() - t0
+    if data is not None:
+        wanted = maps.activation_nodes()
+        if wanted:
+            t0 = time.perf_counter()
+            maps.acts.anchor = collect(anchor.traced, data, wanted, config.tokens)
+            maps.acts.other = collect(other.traced, data, wanted, config.tokens)
+            if timings is not None:
+                timings["collect"] = timings.get("collect", 0.0) + time.perf_counter() - t0
     return maps
 
 

@@ -13,17 +13,11 @@ import otfx
 from otfx import testing as zoo
 from otfx.align.activations import _sequence_filter, batches_like, collect
 from otfx.align.config import FusionConfig
-from otfx.align.maps import (
-    TransportMaps,
-    _dense_apply,
-    _sq_dists,
-    _standardise,
-    _unit_rows,
-    apply_map,
-    identity_plan,
-    permutation_index,
-    plan_weights,
-)
+from otfx.align.costs.weights import sq_dists as _sq_dists
+from otfx.align.costs.weights import unit_rows as _unit_rows
+from otfx.align.maps import TransportMaps
+from otfx.align.plans import apply_map, identity_plan, permutation_index, plan_weights
+from otfx.align.plans import dense_apply as _dense_apply
 from otfx.align.rewrite import aligned_params, rewrite_params, unique_params
 from otfx.fuse import _blend_into, compute_maps
 from otfx.symmetry import noisy_copy
@@ -53,6 +47,12 @@ def reference_aligned(maps: TransportMaps) -> dict[str, torch.Tensor]:
             value = reference_apply(value, axis, maps.map(sid), maps.side(fqn, axis))
         out[fqn] = value
     return out
+
+
+def _standardise(x: torch.Tensor) -> torch.Tensor:
+    """The reference standardisation: per column, mean 0 and (unbiased) std 1."""
+    std, mean = torch.std_mean(x, 0)
+    return (x - mean).div_(std + 1e-9)
 
 
 def random_plan(n: int, m: int, seed: int) -> torch.Tensor:
@@ -299,13 +299,13 @@ def test_in_place_standardisation_and_gram_cost_match_cdist():
     raw_a = {k: v.clone() for k, v in maps.acts_anchor.items()}
     raw_b = {k: v.clone() for k, v in maps.acts_other.items()}
     root = next(r for r in maps.producers if maps.activation_node(r) in raw_a)
-    cost, _ = maps._activation_cost(root)
+    cost, _ = maps.costs.cost(maps, root)
     node = maps.activation_node(root, [r.node for r in maps.anchor.records if r.kind == "layer"
                                        and r.output is not None and maps.root(r.output) == root])
     a, b = _standardise(raw_a[node].double()), _standardise(raw_b[node].double())
     torch.testing.assert_close(maps.acts_anchor[node].double(), a, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cost.double(), torch.cdist(b.T, a.T), rtol=1e-4, atol=1e-3)
-    again, _ = maps._activation_cost(root)  # standardised once only
+    again, _ = maps.costs.cost(maps, root)  # standardised once only
     assert torch.equal(again, cost)
 
 

@@ -1,0 +1,76 @@
+"""Weights-based cost (the paper's): a neuron is the rows of the parameters that produce it, with their input
+side already aligned; each producer's rows are scaled to unit norm, and the cost is the Euclidean distance
+between the concatenated rows."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from otfx.align.costs import register_cost
+
+if TYPE_CHECKING:
+    from otfx.align.maps import TransportMaps
+
+
+@register_cost("weights")
+class WeightsCost:
+    reads_rows = True
+
+    def wanted(self, maps: TransportMaps, roots: list[int]) -> list[tuple[str, tuple[int, ...]]]:
+        return []
+
+    def blocks(self, maps: TransportMaps, root: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[str]]:
+        """The rows of each producer the map graph kept for a class (anchor, other with its input side
+        aligned), unscaled."""
+        blocks, used = [], []
+        n_a, n_b = maps.width(root)
+        for p in maps.graph.nodes[root]["producers"]:
+            wb = maps.rewriter.partial(p.fqn, p.axis)
+            wa = maps.params_anchor[p.fqn].to(wb.dtype)
+            rows_a = wa.movedim(p.axis, 0).narrow(0, p.offset_anchor, n_a).reshape(n_a, -1)
+            rows_b = wb.movedim(p.axis, 0).narrow(0, p.offset_other, n_b).reshape(n_b, -1)
+            blocks.append((rows_a, rows_b))
+            used.append(p.fqn)
+        return blocks, used
+
+    def features(self, maps: TransportMaps, root: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        blocks, used = self.blocks(maps, root)
+        with maps.timed("rows"):
+            return (torch.cat([unit_rows(a) for a, _ in blocks], 1), torch.cat([unit_rows(b) for _, b in blocks], 1),
+                    used)
+
+    def cost(self, maps: TransportMaps, root: int) -> tuple[torch.Tensor, list[str]]:
+        """The cost of ``features``, one producer at a time, without copying or concatenating the rows."""
+        blocks, used = self.blocks(maps, root)
+        with maps.timed("cost"):
+            total = None
+            for rows_a, rows_b in blocks:
+                d2 = sq_dists(rows_b, rows_a, unit=True)
+                total = d2 if total is None else total.add_(d2)
+            return total.clamp_min_(0).sqrt_(), used
+
+
+def sq_dists(rows_b: torch.Tensor, rows_a: torch.Tensor, unit: bool) -> torch.Tensor:
+    """Squared Euclidean distances between the rows of ``rows_b`` and ``rows_a`` (n_b x n_a) by one matmul, as
+    ``torch.cdist`` computes them for many rows; ``unit``: of the rows scaled as ``unit_rows`` scales them.
+    The rows may be strided views (transposed activations): nothing is copied but the result."""
+    dtype = torch.promote_types(rows_a.dtype, rows_b.dtype)
+    rows_a, rows_b = rows_a.to(dtype), rows_b.to(dtype)
+    norm_a, norm_b = rows_a.norm(dim=1), rows_b.norm(dim=1)
+    gram = rows_b @ rows_a.T
+    if unit:
+        scale_a, scale_b = 1 / (norm_a + 1e-9), 1 / (norm_b + 1e-9)
+        gram.mul_(scale_b[:, None]).mul_(scale_a[None])
+        norm_a, norm_b = norm_a * scale_a, norm_b * scale_b
+    return gram.mul_(-2).add_(norm_b.square()[:, None]).add_(norm_a.square()[None])
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    return x / (x.norm(dim=1, keepdim=True) + 1e-9)
+
+
+def distances(rows_b: torch.Tensor, rows_a: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances between the rows, without copying the features."""
+    return sq_dists(rows_b, rows_a, unit=False).clamp_min_(0).sqrt_()

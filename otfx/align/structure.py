@@ -1,0 +1,157 @@
+"""What the map graph is built from: the classes of one pair of models under a configuration, with the tables
+that say how each class gets its map (its producers' rows, the records that combine it, the products it is a
+factor of, the graph nodes whose activations carry it)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from otfx.align.config import FusionConfig
+from otfx.infer.context import Record
+from otfx.infer.result import Inference
+from otfx.infer.spaces import merged
+
+
+@dataclass(frozen=True)
+class Producer:
+    """Rows of a parameter that create a class: ``axis`` of ``fqn``, from row ``offset_anchor`` (anchor) and
+    ``offset_other`` (other model): the summands of a produced sum (fused q|k|v rows) get their slice."""
+
+    fqn: str
+    axis: int
+    offset_anchor: int
+    offset_other: int
+
+
+class PairStructure:
+    """The classes of ``anchor``'s spaces with the soft links of ``config`` merged, and their widths in both
+    models (the other model shares the anchor's space ids: ``check_same_architecture`` made sure)."""
+
+    def __init__(self, anchor: Inference, other: Inference, config: FusionConfig):
+        self.anchor, self.other, self.config = anchor, other, config
+        self.part = merged(anchor.spaces, config.merged_kinds())
+        self.producers = self._producers()
+        self.combines = self._combines()
+        self.carriers = self._carriers()
+        self.act_nodes = self._act_nodes()
+
+    def root(self, sid: int) -> int:
+        return self.part.find(sid)
+
+    def width(self, sid: int) -> tuple[int, int]:
+        """(anchor width, other width) of a space."""
+        return self.anchor.spaces.size(sid), self.other.spaces.size(sid)
+
+    def is_fixed(self, sid: int) -> bool:
+        return self.part.is_fixed(sid)
+
+    def trivial(self, root: int) -> bool:
+        """A fixed class of equal widths: moving along it leaves a tensor as it is (no plan is built)."""
+        n_a, n_b = self.width(root)
+        return n_a == n_b and (self.part.is_fixed(root) or n_a == 1)
+
+    def structure(self, root: int) -> tuple[str, list[int]] | None:
+        return self.part.structure.get(self.root(root))
+
+    def side(self, fqn: str, axis: int) -> str:
+        """Whether a parameter's axis is consumed (``"in"``) or produced (``"out"``) by its layer."""
+        return "in" if (fqn, axis) in self.anchor.consumed else "out"
+
+    def flat_factors(self, sid: int) -> list[int]:
+        """The atomic factors of a product class, outer first (a class that is not a product: itself)."""
+        root = self.root(sid)
+        structure = self.part.structure.get(root)
+        if structure is None or structure[0] != "prod":
+            return [root]
+        return [leaf for child in structure[1] for leaf in self.flat_factors(child)]
+
+    def head_aware(self, root: int) -> bool:
+        """A produced product solved head by head: asked for, or needed where a factor is fixed (rotary head
+        dims must stay put)."""
+        structure = self.structure(root)
+        return bool(structure and structure[0] == "prod" and (
+            self.config.heads == "aware" or any(self.part.is_fixed(f) for f in self.flat_factors(root))))
+
+    def params_of(self, root: int) -> list[str]:
+        """``fqn axis k`` of the anchor's parameter axes in a class."""
+        return [f"{fqn} axis {axis}" for fqn, axes in self.anchor.param_axes.items()
+                for axis, sid in enumerate(axes) if self.root(sid) == root]
+
+    def describe(self, root: int) -> str:
+        params = self.params_of(root)
+        return f"space {root} (width {self.width(root)[0]}; {', '.join(params[:3]) or 'no parameters'})"
+
+    def layer_nodes(self, root: int) -> list[str]:
+        """Graph nodes of the layers whose output is the class."""
+        return [r.node for r in self.anchor.records if r.kind == "layer" and r.output is not None
+                and self.root(r.output) == root]
+
+    def activation_node(self, root: int, layer_nodes: list[str] | None = None) -> tuple[str, tuple[int, ...]] | None:
+        """The node whose activations stand for a class: the producing layer's output where there is one,
+        else the first [batch, seq, width] tensor that carries it."""
+        candidates = self.act_nodes.get(root, [])
+        for n, a in candidates:
+            if layer_nodes and n in layer_nodes:
+                return n, a
+        for n, a in candidates:
+            if len(self.anchor.node_axes[n]) == 3 and a == (2,):
+                return n, a
+        return candidates[0] if candidates else None
+
+    # ---- tables ---------------------------------------------------------------------------------------
+    def _producers(self) -> dict[int, list[Producer]]:
+        table: dict[int, list[Producer]] = defaultdict(list)
+
+        def give(sid: int, fqn: str, axis: int, off_a: int, off_b: int) -> None:
+            root = self.root(sid)
+            if self.part.is_fixed(root):
+                return  # a fixed space needs no cost (position tables also write the sequence axis)
+            structure = self.part.structure.get(root)
+            if structure and structure[0] == "sum":
+                for child in structure[1]:
+                    give(child, fqn, axis, off_a, off_b)
+                    n_a, n_b = self.width(child)
+                    off_a, off_b = off_a + n_a, off_b + n_b
+            elif Producer(fqn, axis, off_a, off_b) not in table[root]:
+                table[root].append(Producer(fqn, axis, off_a, off_b))
+
+        for space, fqn, axis, _node in self.anchor.producer_list:
+            give(space, fqn, axis, 0, 0)
+        return dict(table)
+
+    def _combines(self) -> dict[int, Record]:
+        table: dict[int, Record] = {}
+        for r in self.anchor.records:
+            if r.kind in ("residual", "concat") and r.output is not None:
+                out = self.root(r.output)
+                if any(self.root(s) != out for s in r.inputs):
+                    table[out] = r
+        return table
+
+    def _carriers(self) -> dict[int, list[int]]:
+        """For each factor class, the produced product classes it is a factor of."""
+        table: dict[int, list[int]] = defaultdict(list)
+        for root in self.producers:
+            factors = self.flat_factors(root)
+            if len(factors) > 1:
+                for f in factors:
+                    table[f].append(root)
+        return dict(table)
+
+    def _act_nodes(self) -> dict[int, list[tuple[str, tuple[int, ...]]]]:
+        """Graph nodes (name, axes) whose output carries each class: one axis, or one per factor in order
+        (queries as [batch, heads, seq, head_dim] carry heads x head_dim)."""
+        table: dict[int, list[tuple[str, tuple[int, ...]]]] = defaultdict(list)
+        roots_of = {name: [self.root(s) for s in axes] for name, axes in self.anchor.node_axes.items()}
+        for name, roots in roots_of.items():
+            for axis, root in enumerate(roots):
+                table[root].append((name, (axis,)))
+        for root in list(self.producers):
+            factors = self.flat_factors(root)
+            if len(factors) < 2:
+                continue
+            for name, roots in roots_of.items():
+                if all(f in roots for f in factors):
+                    table[root].append((name, tuple(roots.index(f) for f in factors)))
+        return dict(table)
