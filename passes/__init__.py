@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from otfx.passes.registry import (
     OpPass,
+    PassError,
     PassesArg,
     PassRegistrationError,
     Pattern,
@@ -39,5 +40,5 @@ from otfx.passes import (  # noqa: E402,F401  (importing registers the handlers)
     shape,
 )
 
-__all__ = ["REGISTRY", "OpPass", "PassRegistrationError", "PassesArg", "Pattern", "Registry", "lookup",
+__all__ = ["REGISTRY", "OpPass", "PassError", "PassRegistrationError", "PassesArg", "Pattern", "Registry", "lookup",
            "passes_key", "register", "register_pattern", "target_name", "unregister"]

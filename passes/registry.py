@@ -18,6 +18,10 @@ class PassRegistrationError(ValueError):
     """A registration that would silently replace a pass, or one that names nothing to register."""
 
 
+class PassError(RuntimeError):
+    """A pass raised while handling a node: names the pass, the node, its op and where it is in the model."""
+
+
 def _name(fn: Callable) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 

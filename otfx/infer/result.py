@@ -126,10 +126,11 @@ class Inference:
         ``{op: {"nodes": [...], "unknown": bool, "params": ["name axis k", ...], "conflicts": [why, ...]}}``;
         harmless mask bookkeeping (known ops that touch no parameter space) is left out.
         """
-        by_space: dict[int, list[str]] = defaultdict(list)
+        by_space: dict[int, list[str]] = defaultdict(list)  # a parameter axis is listed under each of its parts
         for fqn, axes in self.param_axes.items():
             for axis, sid in enumerate(axes):
-                by_space[self.coarse(sid)].append(f"{fqn} axis {axis}")
+                for leaf in {self.coarse(sid), *self.leaves(sid)}:
+                    by_space[leaf].append(f"{fqn} axis {axis}")
         report: dict[str, dict] = {}
 
         def entry(op: str, unknown: bool) -> dict:

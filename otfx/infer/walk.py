@@ -7,12 +7,10 @@ from torch import fx
 
 from otfx.infer.context import Conflict, InferContext, _tensor_args
 from otfx.infer.result import Inference
-from otfx.passes import REGISTRY, Registry, target_name
+from otfx.passes import REGISTRY, PassError, Registry, target_name
 from otfx.trace import Traced
 
-
-class PassError(RuntimeError):
-    """A pass raised while handling a node: names the pass, the node, its op and where it is in the model."""
+__all__ = ["PassError", "infer"]
 
 
 def _where(node: fx.Node) -> str:
