@@ -9,15 +9,19 @@ Writes docs/results/01_one_shot/{README.md,results.json,one_shot.png}.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 torch.set_num_threads(1)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/common, however this file is loaded
+
+from common import runner as R  # noqa: E402
 
 import otfx  # noqa: E402
-from otfx.experiments import runner as R  # noqa: E402
 
 NAME = "01_one_shot"
 REGS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.2)

@@ -8,17 +8,21 @@ Every choice (the reg used in (c) and (d)) is made on the validation split. Writ
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 torch.set_num_threads(1)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/common, however this file is loaded
+
+from common import runner as R  # noqa: E402
 
 import otfx  # noqa: E402
 from otfx.align.solvers import OTFallbackWarning  # noqa: E402
-from otfx.experiments import runner as R  # noqa: E402
 
 NAME = "02_reg_sweep"
 REGS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.2, 0.5, 1.0, 5.0)

@@ -8,15 +8,19 @@ validation split; test accuracy is reported along the way. Writes docs/results/0
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 torch.set_num_threads(1)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/common, however this file is loaded
+
+from common import runner as R  # noqa: E402
 
 import otfx  # noqa: E402
-from otfx.experiments import runner as R  # noqa: E402
 
 NAME = "03_finetune"
 REGS = (0.01, 0.02, 0.04, 0.06, 0.1, 0.2)

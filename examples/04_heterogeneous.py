@@ -8,16 +8,20 @@ are chosen on the validation split. Writes docs/results/04_heterogeneous/.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 torch.set_num_threads(1)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/common, however this file is loaded
+
+from common import runner as R  # noqa: E402
 
 import otfx  # noqa: E402
-from otfx.experiments import runner as R  # noqa: E402
 
 NAME = "04_heterogeneous"
 REGS = (0.01, 0.02, 0.04, 0.06, 0.1, 0.2, 0.5)

@@ -11,6 +11,7 @@ import argparse
 import copy
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,11 +20,13 @@ import torch
 import torch.nn.functional as F
 
 torch.set_num_threads(1)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/common, however this file is loaded
+
+from common import data as D  # noqa: E402
+from common import runner as R  # noqa: E402
+from common import train as T  # noqa: E402
 
 import otfx  # noqa: E402
-from otfx.experiments import data as D  # noqa: E402
-from otfx.experiments import runner as R  # noqa: E402
-from otfx.experiments import train as T  # noqa: E402
 
 NAME = "05_bert_mlm"
 REGS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)

@@ -477,11 +477,11 @@ def _lm_loss(model: torch.nn.Module, inputs: tuple, out: torch.Tensor, g: torch.
 
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
-        demo = importlib.import_module("otfx.experiments.demo")
+        demo = importlib.import_module("otfx.demo")
     except ModuleNotFoundError as err:
-        if err.name not in ("otfx.experiments.demo", "otfx.experiments"):
+        if err.name != "otfx.demo":
             raise
-        raise OtfxInputError("the demo is not available in this otfx installation (otfx.experiments.demo is "
+        raise OtfxInputError("the demo is not available in this otfx installation (otfx.demo is "
                              "missing)") from None
     rest = list(args.demo_args or [])
     if rest and rest[0] == "--":
@@ -580,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(run=cmd_sweep)
 
-    p = sub.add_parser("demo", help="run the end-to-end demo (otfx.experiments.demo; 'otfx demo --help' for its "
+    p = sub.add_parser("demo", help="run the end-to-end demo (otfx.demo; 'otfx demo --help' for its "
                        "options)", add_help=False)
     p.add_argument("demo_args", nargs=argparse.REMAINDER, help="arguments for the demo")
     p.set_defaults(run=cmd_demo, quiet=False, debug=False)

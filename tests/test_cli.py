@@ -168,7 +168,7 @@ def test_fuse_errors_from_fusion_and_missing_fuse(tmp_path, capsys, models, monk
 
 def test_demo_dispatch(capsys):
     code, _, err = run(capsys, "demo", "--help")
-    if importlib.util.find_spec("otfx.experiments.demo") is None:
+    if importlib.util.find_spec("otfx.demo") is None:
         assert code == 2 and "demo is not available" in err
     else:
         assert code == 0

@@ -4,20 +4,19 @@ one-shot, where plain weight averaging collapses."""
 from __future__ import annotations
 
 import otfx
-from otfx.experiments.data import load_digits_split
-from otfx.experiments.train import build_vit, evaluate_accuracy, train_classifier, vit_config
+from otfx.demo import ViTSpec, accuracy, load_digits, train
 
 
 def test_ot_fusion_beats_vanilla_fusion_on_digits(capsys):
-    split = load_digits_split(seed=0)
-    config = vit_config("digits", hidden=48, mlp=96, layers=2)
-    parents = [train_classifier(build_vit(config, seed=s), split, epochs=30, seed=s, progress=False) for s in (0, 1)]
-    traced = [otfx.trace(p, (split.x_train[:8],)) for p in parents]
-    x, y = split.x_test, split.y_test
-    accs = [evaluate_accuracy(p, x, y) for p in parents]
-    vanilla = evaluate_accuracy(otfx.vanilla_fuse(*parents), x, y)
-    ot = {reg: evaluate_accuracy(otfx.fuse(*traced, solver="sinkhorn", reg=reg), x, y) for reg in (0.02, 0.05)}
-    emd = evaluate_accuracy(otfx.fuse(*traced, solver="emd"), x, y)
+    digits = load_digits(seed=0)
+    spec = ViTSpec(hidden=48, mlp=96, layers=2, epochs=30)
+    parents = [train(spec.build(s), digits.x["train"], digits.y["train"], spec, seed=s) for s in (0, 1)]
+    traced = [otfx.trace(p, (digits.x["train"][:8],)) for p in parents]
+    x, y = digits.x["test"], digits.y["test"]
+    accs = [accuracy(p, x, y) for p in parents]
+    vanilla = accuracy(otfx.vanilla_fuse(*parents), x, y)
+    ot = {reg: accuracy(otfx.fuse(*traced, solver="sinkhorn", reg=reg), x, y) for reg in (0.02, 0.05)}
+    emd = accuracy(otfx.fuse(*traced, solver="emd"), x, y)
     with capsys.disabled():
         print(f"\ndigits test accuracy: parents {accs[0]:.3f} / {accs[1]:.3f}, vanilla fusion {vanilla:.3f}, "
               f"OT weights EMD {emd:.3f}, OT weights Sinkhorn " + ", ".join(f"reg {r}: {a:.3f}" for r, a in ot.items()))

@@ -1,13 +1,18 @@
-"""Data loaders and parent training of otfx.experiments (a few seconds; real data tests skip if unavailable)."""
+"""Data loaders and parent training of the examples' helpers, examples/common (a few seconds; real data tests skip
+if the data is unavailable)."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from otfx.experiments import data as D
-from otfx.experiments import train as T
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from common import data as D  # noqa: E402
+from common import train as T  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -27,7 +27,7 @@ from .train import build_vit, cached_parent, evaluate_accuracy, train_classifier
 __all__ = [
     "ViTSpec", "Variant", "Timer", "vit_parent", "vit_parent_dir", "activation_data", "run_variant", "reg_sweep",
     "best_row", "accuracy_of", "command_line", "markdown_table", "fmt_acc", "fmt_list", "write_markdown",
-    "write_json", "line_plot", "bar_plot", "repo_root", "results_dir", "environment", "image_setup",
+    "write_json", "line_plot", "bar_plot", "results_dir", "environment", "image_setup",
     "example_parser", "output_dir", "mean_std", "finetune_best_lr", "parent_steps",
     "choose_sinkhorn", "verdict",
 ]
@@ -112,14 +112,16 @@ def image_setup(smoke: bool = False) -> tuple[Split, ViTSpec]:
 def example_parser(doc: str | None, name: str) -> argparse.ArgumentParser:
     """The options every example script takes: ``--out`` (results folder) and ``--smoke`` (a seconds-long run)."""
     p = argparse.ArgumentParser(description=(doc or name).strip().splitlines()[0])
-    p.add_argument("--out", type=Path, help=f"results folder (default docs/results/{name})")
+    p.add_argument("--out", type=Path, help=f"results folder (default docs/results/{name} under the current "
+                   "directory: run from the repository root)")
     p.add_argument("--smoke", action="store_true", help="tiny models on digits for a few seconds (tests); does "
                    "not write into docs/results unless --out says so")
     return p
 
 
 def output_dir(args: argparse.Namespace, name: str) -> Path:
-    """``--out``, else ``docs/results/<name>`` (``<cache>/smoke/<name>`` for ``--smoke``)."""
+    """``--out``, else ``docs/results/<name>`` under the current directory (``<cache>/smoke/<name>`` for
+    ``--smoke``)."""
     from .data import cache_root
 
     if args.out is not None:
@@ -302,26 +304,21 @@ def finetune_best_lr(model: nn.Module, split: Split, *, steps: int, lrs: Sequenc
 # ----------------------------------------------------------------------------------------------- reports
 
 
-def repo_root() -> Path:
-    """The repository root (the folder above the ``otfx`` package)."""
-    return Path(__file__).resolve().parents[2]
-
-
 def results_dir(name: str, root: str | Path | None = None) -> Path:
-    """``docs/results/<name>`` under ``root`` (default: the repository), created if needed."""
-    d = Path(root) if root is not None else repo_root() / "docs" / "results"
+    """``<root>/<name>``, created if needed; ``root`` defaults to ``docs/results`` under the current directory."""
+    d = Path(root) if root is not None else Path("docs") / "results"
     d = d / name
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
 def command_line(argv: Sequence[str] | None = None, env: Sequence[str] = ("OMP_NUM_THREADS",)) -> str:
-    """The command that is running, as typed from the repository root (``python <script> args``), with the
+    """The command that is running, as typed from the current directory (``python <script> args``), with the
     given environment variables in front."""
     argv = list(sys.argv if argv is None else argv)
     script = Path(argv[0]) if argv else Path("?")
     try:
-        shown = str(script.resolve().relative_to(repo_root()))
+        shown = str(script.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         shown = str(script)
     prefix = [f"{k}={os.environ[k]}" for k in env if k in os.environ]
@@ -331,14 +328,17 @@ def command_line(argv: Sequence[str] | None = None, env: Sequence[str] = ("OMP_N
 
 
 def environment() -> dict[str, Any]:
-    """Versions, CPU threads and git commit, for the record."""
+    """Versions, CPU threads and the git commit of the code that ran, for the record."""
     import transformers
 
+    import otfx
+
+    code = Path(otfx.__file__).resolve().parent  # the library's version is what the numbers depend on
     commit = None
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo_root(), capture_output=True,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=code, capture_output=True,
                                 text=True, timeout=10, check=False).stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "otfx", "passes"], cwd=repo_root(),
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ":/otfx", ":/passes"], cwd=code,
                                capture_output=True, text=True, timeout=10, check=False).stdout
         dirty_paths = sorted({ln[3:] for ln in dirty.splitlines() if len(ln) > 3})  # "XY path"
         if commit and dirty_paths:  # the library had uncommitted edits when the numbers were made
