@@ -11,20 +11,21 @@ import networkx as nx
 from otfx.io import atomic_file, atomic_path
 
 ROLES = ("residual", "hidden", "heads", "head_dim_qk", "head_dim_v")
-KIND_COLOURS = {"layer": "#4c78a8", "residual": "#f58518", "attention": "#e45756", "concat": "#b279a2",
-                "norm": "#54a24b"}
+KIND_COLOURS = {"solve": "#4c78a8", "heads": "#e45756", "combine": "#f58518", "sum": "#b279a2",
+                "product": "#72b7b2", "factor": "#ff9da6", "marginal": "#9d755d", "fixed": "#bab0ac",
+                "keep": "#eeca3b", "input": "#54a24b", "output": "#000000"}
 _OTHER_COLOUR = "#9d9d9d"
 
 
 def inspect_model(model, args: tuple = (), kwargs: dict | None = None, max_rows: int | None = 60) -> str:
-    """Trace (if needed), analyse and summarise a model: its transport spaces, flow graph and coverage."""
+    """Trace (if needed), analyse and summarise a model: its transport spaces, map graph and coverage."""
     from otfx.api import analyse
 
     return render_summary(analyse(model, args, kwargs), max_rows=max_rows)
 
 
 def render_summary(inference, max_rows: int | None = 60) -> str:
-    """The model, its free spaces by role and size, a table of spaces, the flow graph and the coverage report."""
+    """The model, its free spaces by role and size, a table of spaces, the map graph and the coverage report."""
     free = inference.free_spaces()
     lines = [f"{inference.traced!r}", ""]
     counts = Counter((inference.roles.get(s, "hidden"), inference.size(s)) for s in free)
@@ -38,7 +39,7 @@ def render_summary(inference, max_rows: int | None = 60) -> str:
     else:
         lines.append("free spaces: none (every parameter axis is fixed)")
     lines += ["", *space_table(inference, max_rows)]
-    lines += ["", flow_graph_line(inference.flow_graph)]
+    lines += ["", map_graph_line(display_map_graph(inference))]
     lines += ["", *coverage_lines(inference.coverage())]
     return "\n".join(lines)
 
@@ -111,10 +112,10 @@ def space_table(inference, max_rows: int | None = 60) -> list[str]:
     return lines
 
 
-def flow_graph_line(graph: nx.DiGraph) -> str:
+def map_graph_line(graph: nx.DiGraph) -> str:
     kinds = Counter(data.get("kind", "?") for _, data in graph.nodes(data=True))
     parts = ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
-    return f"flow graph: {graph.number_of_nodes()} nodes ({parts or 'none'}), {graph.number_of_edges()} edges"
+    return f"map graph: {graph.number_of_nodes()} nodes ({parts or 'none'}), {graph.number_of_edges()} edges"
 
 
 def coverage_lines(coverage: dict[str, dict]) -> list[str]:
@@ -150,10 +151,11 @@ def _table(header: list[str], rows: list[list], indent: str = "") -> str:
 
 
 def write_graph(inference, path: str | Path) -> Path:
-    """Write the flow graph as ``.dot``, ``.graphml`` or ``.png`` (chosen by suffix), atomically."""
+    """Write the map graph (what alignment runs) as ``.dot``, ``.graphml`` or ``.png`` (chosen by suffix),
+    atomically."""
     path = Path(path)
     suffix = path.suffix.lower()
-    graph = inference.flow_graph if hasattr(inference, "flow_graph") else inference
+    graph = display_map_graph(inference) if hasattr(inference, "traced") else inference
     if suffix in (".dot", ".gv"):
         with atomic_file(path) as handle:
             handle.write(to_dot(graph))
@@ -162,19 +164,47 @@ def write_graph(inference, path: str | Path) -> Path:
             nx.write_graphml(_scalar_attrs(graph), tmp)
     elif suffix == ".png":
         with atomic_path(path) as tmp:
-            draw_png(graph, tmp, title=repr(getattr(inference, "traced", "")), order=_model_order(inference))
+            draw_png(graph, tmp, title=repr(getattr(inference, "traced", "")))
     else:
-        raise ValueError(f"cannot write the flow graph as {path.name}: use a .dot, .graphml or .png file name")
+        raise ValueError(f"cannot write the map graph as {path.name}: use a .dot, .graphml or .png file name")
     return path
 
 
-def _model_order(inference) -> dict | None:
-    """Flow-graph node -> position of its op in the traced graph."""
-    traced = getattr(inference, "traced", None)
-    if traced is None:
-        return None
-    index = {node.name: i for i, node in enumerate(traced.graph.nodes)}
-    return {n: index.get(d.get("op"), len(index)) for n, d in inference.flow_graph.nodes(data=True)}
+def display_map_graph(inference, config=None) -> nx.DiGraph:
+    """The map graph alignment runs for this model (``config``: a ``FusionConfig``, the defaults of ``fuse``
+    if None), with readable names: module paths, node kinds, edges labelled with their space's role and width,
+    and distinct ``input``/``output`` nodes for where the maps start and end."""
+    from otfx.align.config import FusionConfig
+    from otfx.align.mapgraph import node_label
+    from otfx.align.maps import TransportMaps
+
+    maps = TransportMaps(inference, inference, config or FusionConfig())
+    g = maps.graph
+    names = {root: f"{node_label(maps.structure, g, root)} #{root}" for root in g}
+    out = nx.DiGraph()
+    out.add_node("input", kind="input", op="input")
+    for root, data in g.nodes(data=True):
+        out.add_node(names[root], kind=data["kind"], op=names[root], width=data["width"][0], space=root)
+    out.add_node("output", kind="output", op="output")
+    for u, v, data in g.edges(data=True):
+        label = f"{_role(inference, maps, u)} {g.nodes[u]['width'][0]}"
+        out.add_edge(names[u], names[v], kind=data["kind"], label=label)
+    for root in g:
+        if g.in_degree(root) == 0:
+            out.add_edge("input", names[root], kind="input", label="")
+        if g.out_degree(root) == 0:
+            out.add_edge(names[root], "output", kind="output", label=f"{_role(inference, maps, root)} "
+                                                                     f"{g.nodes[root]['width'][0]}")
+    return out
+
+
+def _role(inference, maps, root: int) -> str:
+    structure = maps.structure.structure(root)
+    if structure is not None:
+        return "product" if structure[0] == "prod" else "sum"
+    if maps.structure.is_fixed(root):
+        return "fixed"
+    return inference.roles.get(inference.coarse(root), "hidden")
 
 
 def _scalar_attrs(graph: nx.DiGraph) -> nx.DiGraph:
@@ -196,9 +226,6 @@ def to_dot(graph: nx.DiGraph) -> str:
         data["label"] = f"{data.get('op', node)}\\n{data.get('kind', '')}"
         data["fillcolor"] = KIND_COLOURS.get(data.get("kind"), _OTHER_COLOUR)
         data["style"] = "filled"
-    for _, _, data in styled.edges(data=True):
-        if "size" in data:
-            data["label"] = f"{data['size']} (#{data.get('space', '?')})"
     if importlib.util.find_spec("pydot") is not None:
         from networkx.drawing.nx_pydot import to_pydot
 
@@ -222,7 +249,7 @@ def to_dot(graph: nx.DiGraph) -> str:
 
 def layered_positions(graph: nx.DiGraph, order: dict | None = None) -> dict:
     """Left-to-right layers: longest path over the edges that go forward in ``order`` (node -> rank; default
-    insertion order), so that the cycles of the flow graph do not collapse it into one layer."""
+    insertion order), so that cycles (if any) do not collapse it into one layer."""
     rank = {n: (order.get(n, len(order)) if order else 0, i) for i, n in enumerate(graph.nodes)}
     layer: dict = {}
     for node in sorted(graph.nodes, key=rank.__getitem__):
@@ -238,35 +265,43 @@ def layered_positions(graph: nx.DiGraph, order: dict | None = None) -> dict:
 
 
 def draw_png(graph: nx.DiGraph, path: str | Path, title: str = "", order: dict | None = None) -> None:
-    """Draw the flow graph with matplotlib (no pyplot, no graphviz), nodes coloured by kind."""
+    """Draw the map graph with matplotlib (no pyplot, no graphviz), nodes coloured by kind."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
+    if order is None and nx.is_directed_acyclic_graph(graph):
+        order = {n: i for i, n in enumerate(nx.topological_sort(graph))}
     pos = layered_positions(graph, order)
     depth = max((x for x, _ in pos.values()), default=0) + 1
     height = max((abs(y) for _, y in pos.values()), default=0) * 2 + 1
-    fig = Figure(figsize=(min(max(6.0, 1.1 * depth), 80.0), min(max(3.0, 0.9 * height + 1.5), 30.0)))
+    fig = Figure(figsize=(min(max(6.0, 2.0 * depth), 120.0), min(max(3.0, 0.9 * height + 1.5), 30.0)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for u, v in graph.edges:
         ax.annotate("", xy=pos[v], xytext=pos[u], arrowprops={"arrowstyle": "-|>", "color": "#888888", "lw": 0.7,
                                                               "shrinkA": 7, "shrinkB": 7,
                                                               "connectionstyle": "arc3,rad=0.08"})
+    if graph.number_of_edges() <= 200:
+        for u, v, data in graph.edges(data=True):
+            if data.get("label"):
+                (x0, y0), (x1, y1) = pos[u], pos[v]
+                ax.text((x0 + x1) / 2, (y0 + y1) / 2, data["label"], fontsize=4.5, color="#555555", ha="center")
     kinds = [graph.nodes[n].get("kind") for n in graph.nodes]
     if pos:
         xs, ys = zip(*(pos[n] for n in graph.nodes))
         ax.scatter(xs, ys, s=140, c=[KIND_COLOURS.get(k, _OTHER_COLOUR) for k in kinds], zorder=3,
                    edgecolors="black", linewidths=0.5)
     if graph.number_of_nodes() <= 400:
-        for n in graph.nodes:
+        for i, n in enumerate(sorted(graph.nodes, key=lambda n: pos[n])):
             x, y = pos[n]
-            ax.text(x, y - 0.22, str(graph.nodes[n].get("op", n)), ha="center", va="top", fontsize=6)
+            offset = 0.12 + 0.14 * (i % 2)  # staggered: long module paths of neighbours do not overlap
+            ax.text(x, y - offset, str(graph.nodes[n].get("op", n)), ha="center", va="top", fontsize=6)
     present = sorted(set(kinds) - {None}, key=lambda k: list(KIND_COLOURS).index(k) if k in KIND_COLOURS else 99)
     handles = [Line2D([], [], marker="o", ls="", color=KIND_COLOURS.get(k, _OTHER_COLOUR), label=k) for k in present]
     if handles:
         ax.legend(handles=handles, loc="upper left", fontsize=7, frameon=False)
-    ax.set_title(f"{title}\nTM flow graph: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges",
+    ax.set_title(f"{title}\nmap graph: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges",
                  fontsize=9)
     ax.set_axis_off()
     ax.margins(0.05, 0.15)
