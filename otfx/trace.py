@@ -84,6 +84,9 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, nam
     in eval mode only while it is exported, then every flag is restored.
     """
     if isinstance(model, Traced):
+        if output is not None and output != model.output:  # the graph's output was chosen when it was traced
+            raise ValueError(f"{model.name} was traced with output={model.output!r}; trace the module again to "
+                             f"select output={output!r}")
         return model
     if not isinstance(model, nn.Module):
         raise TypeError(f"otfx.trace expects a torch.nn.Module, got {type(model).__name__}")

@@ -121,6 +121,9 @@ def test_trace_refuses_ambiguous_outputs_and_stores_the_selector() -> None:
     assert tuple(out.meta["val"].shape) == (2, 3)
     with pytest.raises(TypeError, match="output="):
         otfx.trace(model, X, output=1.0)
+    assert otfx.trace(traced) is traced and otfx.trace(traced, output=1) is traced
+    with pytest.raises(ValueError, match="traced with output=1"):
+        otfx.trace(traced, output=0)
 
 
 @pytest.mark.slow
