@@ -7,6 +7,7 @@ import copy
 import torch
 from torch import nn
 
+from otfx.conventions import tensor_identity
 from otfx.infer.result import Inference
 
 
@@ -56,15 +57,15 @@ def permute_model(inference: Inference, perms: dict[int, torch.Tensor],
     """
     model = copy.deepcopy(inference.traced.model)
     params = dict(model.named_parameters(remove_duplicate=False))
-    done: set[int] = set()
+    done: set[tuple] = set()
     with torch.no_grad():
         for fqn, axes in inference.param_axes.items():
             if fqn not in params or (only is not None and fqn not in only):
                 continue
             p = params[fqn]
-            if p.data_ptr() in done:
+            if tensor_identity(p) in done:
                 continue
-            done.add(p.data_ptr())
+            done.add(tensor_identity(p))
             value = p.detach().clone()
             for axis, sid in enumerate(axes):
                 index = perms.get(inference.coarse(sid))

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from otfx.align.plans import Mover, permutation_index
+from otfx.conventions import unique_parameter_names
 
 if TYPE_CHECKING:
     from otfx.align.maps import TransportMaps
@@ -89,14 +90,8 @@ class Rewriter:
 
 def unique_params(inference) -> list[str]:
     """Parameter names in graph order, one per tensor (tied parameters by their first name)."""
-    seen, names = set(), []
     params = inference.traced.parameters()
-    for fqn in inference.param_axes:
-        ptr = params[fqn].data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            names.append(fqn)
-    return names
+    return unique_parameter_names([(fqn, params[fqn]) for fqn in inference.param_axes])
 
 
 def rewrite_params(maps: TransportMaps, sink: Callable[[str, torch.Tensor], None]) -> None:
