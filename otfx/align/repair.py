@@ -1,0 +1,221 @@
+"""REPAIR for fused transformers (Jordan et al. 2022): reset each aligned unit's mean and std to the weighted mean
+of the parents' statistics, layer by layer in graph order, folded into the weights and biases that produce it.
+
+Units are the outputs of the layers found in the traced graph (``Inference`` layer records and the producer rows
+of their weights): MLP hidden units, query/key/value/output projections, the patch embedding and every other
+writer of the residual stream. Layers whose output space is fixed (a classifier's logits) are left alone. The
+fused model keeps its graph: only weight rows are scaled and biases shifted.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+
+from otfx.align.activations import batches_like
+from otfx.align.config import FusionError
+from otfx.infer.result import Inference
+from otfx.trace import Traced, trace
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A layer whose outputs are repaired: graph node, output axis of its units, producing weight and bias."""
+
+    node: str
+    axis: int
+    weight: str
+    weight_axis: int
+    bias: str | None
+
+
+def repair_units(inference: Inference) -> list[Unit]:
+    """The repairable layers of a traced model, in graph order: a layer record whose weight produces a free
+    output axis, read by no other node (tied weights are skipped); its bias is a 1-d parameter argument of the
+    same node on that axis's class."""
+    traced = inference.traced
+    nodes = {n.name: n for n in traced.graph.nodes}
+    by_node: dict[str, list] = {}
+    for p in inference.producer_list:
+        by_node.setdefault(p.node, []).append(p)
+    units = []
+    for record in inference.records:
+        if record.kind != "layer" or record.node not in by_node or record.node not in inference.node_axes:
+            continue
+        node = nodes[record.node]
+        args = {a.name: a for a in node.all_input_nodes if a.op == "placeholder"}
+        prods = [p for p in by_node[record.node] if any(traced.placeholder_to_param.get(a) == p.param for a in args)]
+        if len(prods) != 1:
+            continue
+        p = prods[0]
+        if inference.is_fixed(p.space):
+            continue
+        out_axes = inference.node_axes[record.node]
+        matches = [i for i, s in enumerate(out_axes) if inference.fine(s) == inference.fine(p.space)]
+        weight_node = next(a for a in args.values() if traced.placeholder_to_param.get(a.name) == p.param)
+        if len(matches) != 1 or len(weight_node.users) != 1:
+            continue
+        bias = None
+        for name in args:
+            fqn = traced.placeholder_to_param.get(name)
+            axes = inference.param_axes.get(fqn, [])
+            if fqn != p.param and len(axes) == 1 and inference.fine(axes[0]) == inference.fine(p.space):
+                bias = fqn
+        units.append(Unit(record.node, matches[0], p.param, p.axis, bias))
+    return units
+
+
+def _execute(traced: Traced, model: nn.Module, data, units: Sequence[Unit],
+             targets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, eps: float = 1e-5
+             ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Run ``traced``'s graph with ``model``'s tensors over all calibration batches in lockstep, node by node,
+    and return each unit's (mean, std) over samples and tokens. With ``targets``, each unit is rescaled to its
+    target as soon as its statistics are known (later layers see the repaired values) and the affine map is
+    folded into ``model``'s weight rows and bias in place."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    constants = {spec.arg.name: traced.program.constants.get(spec.target)
+                 for spec in traced.program.graph_signature.input_specs if spec.kind.name in ("CONSTANT_TENSOR",
+                                                                                               "CUSTOM_OBJ")}
+    batches = batches_like(traced, data)
+    inputs = [dict(zip(traced.user_inputs, pytree.tree_flatten((x, traced.kwargs))[0])) for x, _ in batches]
+    order = list(traced.graph.nodes)
+    last = {}
+    for i, n in enumerate(order):
+        for a in n.all_input_nodes:
+            last[a] = i
+    by_node = {u.node: u for u in units}
+    envs: list[dict[fx.Node, object]] = [{} for _ in batches]
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad():
+        for i, n in enumerate(order):
+            if n.op == "output":
+                break
+            for b, env in enumerate(envs):
+                env[n] = _value(n, env, traced, params, buffers, constants, inputs[b])
+            unit = by_node.get(n.name)
+            if unit is not None:
+                mean, std = _moments([env[n][:real] for env, (_, real) in zip(envs, batches)], unit.axis)
+                stats[n.name] = (mean, std)
+                if targets is not None and n.name in targets:
+                    t_mean, t_std = targets[n.name]
+                    scale = torch.where(std > eps, t_std / std.clamp_min(eps), torch.ones_like(std))
+                    shift = t_mean - scale * mean if unit.bias is not None else torch.zeros_like(mean)
+                    shape = [1] * env[n].ndim
+                    shape[unit.axis] = -1
+                    for env in envs:
+                        env[n] = env[n] * scale.to(env[n].dtype).view(shape) + shift.to(env[n].dtype).view(shape)
+                    _fold(params, unit, scale, shift)
+            for a in n.all_input_nodes:
+                if last.get(a) == i:
+                    for env in envs:
+                        env.pop(a, None)
+    return stats
+
+
+def _value(n: fx.Node, env: dict, traced: Traced, params, buffers, constants, inputs):
+    if n.op == "placeholder":
+        if n.name in traced.placeholder_to_param:
+            return params[traced.placeholder_to_param[n.name]]
+        if n.name in traced.placeholder_to_buffer:
+            return buffers[traced.placeholder_to_buffer[n.name]]
+        if n.name in constants:
+            return constants[n.name]
+        return inputs[n.name]
+    args = fx.node.map_arg(n.args, env.__getitem__)
+    kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
+    if n.op == "call_function":
+        return n.target(*args, **kwargs)
+    if n.op == "get_attr":
+        return getattr(traced.program.graph_module, n.target)
+    raise FusionError(f"repair: cannot execute graph node {n.name} ({n.op})")
+
+
+def _moments(values: list[torch.Tensor], axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-unit mean and std (float64) over every axis but ``axis``, over all batches."""
+    rows = torch.cat([v.movedim(axis, -1).reshape(-1, v.shape[axis]).double() for v in values])
+    return rows.mean(0), rows.std(0, unbiased=False)
+
+
+def _fold(params: dict[str, torch.Tensor], unit: Unit, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """y -> scale * y + shift for the unit's outputs, as scaled weight rows and a shifted bias."""
+    w = params[unit.weight]
+    shape = [1] * w.ndim
+    shape[unit.weight_axis] = -1
+    w.mul_(scale.to(w.dtype).view(shape))
+    if unit.bias is not None:
+        b = params[unit.bias]
+        b.copy_(b.double() * scale + shift)
+
+
+def _traced(model, args, kwargs) -> Traced:
+    if isinstance(model, Traced):
+        return model
+    if isinstance(model, Inference):
+        return model.traced
+    if args is None:
+        raise FusionError("repair needs args=(example inputs,) when the parents are not otfx.trace results")
+    return trace(model, args, kwargs)
+
+
+def _module(model) -> nn.Module:
+    return model.traced.model if isinstance(model, Inference) else model.model if isinstance(model, Traced) else model
+
+
+def repair(fused: nn.Module, parents: Sequence, data, weights: Sequence[float] | None = None, *,
+           args: tuple | None = None, kwargs: dict | None = None, aligned: Sequence | None = None,
+           eps: float = 1e-5) -> nn.Module:
+    """A copy of ``fused`` whose layer outputs have, on ``data`` (batches of unlabelled inputs), the weighted
+    mean (``weights``, anchor first, uniform by default) of the parents' per-unit means and stds.
+
+    ``parents[0]`` is the anchor, whose spaces the fused model has. ``aligned``: the parents rewritten into the
+    anchor's spaces (default: ``otfx.align(parent, to=anchor)``, a function-preserving permutation, so a unit's
+    statistics are the parent's own). Units are repaired in graph order, each after the ones before it. The
+    inputs are not modified; ``result.otfx_repair`` lists the units and their statistics before and after.
+    """
+    from otfx.fuse import align
+
+    if len(parents) < 1:
+        raise FusionError("repair needs the parents (anchor first)")
+    anchor = _traced(parents[0], args, kwargs)
+    args, kwargs = anchor.args, anchor.kwargs
+    data = list(data)
+    w = [1.0] * len(parents) if weights is None else [float(x) for x in weights]
+    if len(w) != len(parents) or sum(w) <= 0 or any(x < 0 for x in w):
+        raise FusionError(f"weights must be {len(parents)} non-negative numbers with a positive sum, got {w}")
+    w = [x / sum(w) for x in w]
+    if aligned is None:
+        aligned = [anchor] + [align(p, to=anchor) for p in parents[1:]]
+    if len(aligned) != len(parents):
+        raise FusionError(f"aligned has {len(aligned)} models for {len(parents)} parents")
+    from otfx.api import analyse
+
+    result = copy.deepcopy(_module(fused))
+    traced = trace(result, args, kwargs)
+    units = repair_units(analyse(traced))
+    targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for wk, model in zip(w, aligned):
+        t = _traced(model, args, kwargs)
+        stats = _execute(t, _module(t), data, units)
+        for name, (mean, std) in stats.items():
+            m0, s0 = targets.get(name, (0.0, 0.0))
+            targets[name] = (m0 + wk * mean, s0 + wk * std)
+    before = _execute(traced, result, data, units, targets, eps)
+    result.otfx_repair = {"units": [u.node for u in units],
+                          "std_before": {k: float(v[1].mean()) for k, v in before.items()},
+                          "std_target": {k: float(v[1].mean()) for k, v in targets.items()}}
+    return result
+
+
+def unit_statistics(model, data, *, args: tuple | None = None, kwargs: dict | None = None,
+                    units: Sequence[Unit] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-unit (mean, std) of every repairable layer output of ``model`` on ``data`` (for checks and reports)."""
+    from otfx.api import analyse
+
+    t = _traced(model, args, kwargs)
+    return _execute(t, _module(t), list(data), units if units is not None else repair_units(analyse(t)))
