@@ -14,15 +14,27 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 import otfx
-from otfx.io import OtfxInputError, atomic_dir, check_output_dir, quiet_hf_progress
+from otfx.checks import (
+    ModelInputError,
+    NonFiniteError,
+    NonFiniteParameterError,
+    check_finite_params,
+    dry_run,
+    embedding_guards,
+    explain_trace_error,
+    quiet_export,
+)
+from otfx.io import OtfxInputError, Terminated, atomic_dir, quiet_hf_progress, terminate_as_exception
 from otfx.io.data import load_data, load_labelled
 from otfx.io.models import InputSpec, LoadedModel, example_inputs, load_model, save_model
+from otfx.io.output import atomic_file, check_output_dir, check_output_file
 from otfx.io.report import FusionReport, write_report
 from otfx.trace import TraceError, main_output
 
@@ -65,10 +77,11 @@ def _load_all(args: argparse.Namespace, specs: list[str], console: _Console) -> 
     spec = _input_spec(args)
     loaded = []
     for i in console.progress(range(len(specs)), "loading models"):
-        loaded.append(load_model(specs[i], paired.get(i), args.model_kwargs, spec))
+        loaded.append(load_model(specs[i], paired.get(i), args.model_kwargs, spec, args.allow_missing))
     for lm in loaded:
         for note in lm.notes:
             console.say(f"note: {note}")
+        check_finite_params(lm.model, lm.source)
     return loaded
 
 
@@ -91,9 +104,18 @@ def _fit_data(args: argparse.Namespace, loaded: LoadedModel, example: tuple) -> 
 
 
 def _trace_all(loaded: list[LoadedModel], example: tuple, console: _Console) -> list:
+    """Trace every model after a guarded run on the example inputs (their errors name the input and module)."""
     traced = []
     for lm in console.progress(loaded, "tracing"):
-        traced.append(otfx.trace(lm.model, example, name=lm.name))
+        dry_run(lm.model, example, name=lm.name)
+        try:
+            with embedding_guards(lm.model, lm.name), quiet_export():
+                traced.append(otfx.trace(lm.model, example, name=lm.name))
+        except TraceError as err:
+            why = explain_trace_error(err)
+            if why is None:
+                raise
+            raise TraceError(f"torch.export could not trace {lm.name}: {why}") from err
     return traced
 
 
@@ -154,8 +176,15 @@ def _fuse_options(args: argparse.Namespace, n: int) -> dict:
     options = {"cost": args.cost, "solver": args.solver, "reg": reg, "residual": args.residual,
                "heads": args.heads, "qk": args.qk, "tokens": _check_tokens(args.tokens),
                "weights": _parse_weights(args.weights, n), "max_iter": args.max_iter}
-    if reg is not None and not reg > 0:
-        raise OtfxInputError(f"--reg must be positive, got {reg}")
+    if reg is not None and not (reg > 0 and math.isfinite(reg)):
+        raise OtfxInputError(f"--reg must be a positive finite number, got {reg}")
+    if args.max_iter is not None and args.max_iter < 1:
+        raise OtfxInputError(f"--max-iter must be at least 1, got {args.max_iter}")
+    if not args.data:
+        if args.cost == "activations":
+            raise OtfxInputError("--cost activations needs --data PATH (inputs to collect activations on)")
+        if (args.residual or "").startswith("weighted"):
+            raise OtfxInputError(f"--residual {args.residual} needs --data PATH (activations weigh the residuals)")
     return {k: v for k, v in options.items() if v is not None}
 
 
@@ -194,12 +223,16 @@ def _anchor_index(args: argparse.Namespace, n: int) -> int:
     return args.anchor % n
 
 
-def _input_paths(specs: list[str], args: argparse.Namespace) -> list[Path]:
+def _input_paths(specs: list[str], args: argparse.Namespace, loaded: Sequence[LoadedModel] = ()) -> list[Path]:
+    """Everything a command reads: model folders, checkpoints, data, and what loading found (never written)."""
     paths = [Path(s) for s in specs if Path(s).exists()]
     paths += [Path(c) for c in args.checkpoint or []]
-    for extra in ("data", "eval"):
-        if getattr(args, extra, None):
-            paths.append(Path(getattr(args, extra)))
+    for extra in ("data", "eval", "model_kwargs"):
+        value = getattr(args, extra, None)
+        if value and not str(value).lstrip().startswith("{"):
+            paths.append(Path(value))
+    for lm in loaded:
+        paths += lm.paths
     return paths
 
 
@@ -218,12 +251,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for path in outputs:
         if Path(path).suffix.lower() not in (".dot", ".gv", ".graphml", ".png"):
             raise OtfxInputError(f"cannot tell the format of {path}; use a .dot, .graphml or .png name")
+    if len({check_output_file(p, args.overwrite, _input_paths([args.model], args)) for p in outputs}) < len(outputs):
+        raise OtfxInputError("--png, --dot and --graphml name the same file; give each its own")
     (loaded,) = _load_all(args, [args.model], console)
     traced = _trace_all([loaded], _examples(args, loaded), console)[0]
     inference = otfx.analyse(traced)
     print(render_summary(inference, max_rows=None if args.all else 60))
     for path in outputs:
-        write_graph(inference, path)
+        write_graph(inference, check_output_file(path, args.overwrite, _input_paths([args.model], args, [loaded])))
         print(f"wrote {path}")
     return 0
 
@@ -235,18 +270,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise OtfxInputError(f"ONNX export is not available: {err}") from None
     console = _Console(args.quiet)
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise OtfxInputError(f"{out} already exists; pass --overwrite to replace it")
+    check_output_file(out, args.overwrite, _input_paths([args.model], args), companions=(".data",))
     (loaded,) = _load_all(args, [args.model], console)
-    if out.absolute() in [p.absolute() for p in loaded.paths]:
-        raise OtfxInputError(f"--out {out} is an input; choose another file")
+    target = check_output_file(out, args.overwrite, _input_paths([args.model], args, [loaded]), companions=(".data",))
     example = _examples(args, loaded)
+    dry_run(loaded.model, example, name=loaded.name)
     console.say(f"exporting {loaded.name} to {out}")
-    check = export_command(loaded.model, example, out, args.check)
+    check = export_command(loaded.model, example, target, args.check)
     print(f"wrote {out}")
     if check is not None:
         print(check)
-        return 0 if check.passed else 1
+        return 0 if check.passed or check.skipped else 1
     return 0
 
 
@@ -266,6 +300,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     report = FusionReport(models=list(args.models))
     with report.stage("load"):
         loaded = _load_all(args, args.models, console)
+    inputs = _input_paths(args.models, args, loaded)
+    check_output_dir(args.out, args.overwrite, inputs)  # loading found more files to protect
     _check_same_architecture(loaded)
     example = _examples(args, loaded[anchor])
     data = None
@@ -277,30 +313,24 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         traced = _trace_all(loaded, example, console)
     console.say(f"fusing {n} x {type(loaded[anchor].model).__name__} (anchor {anchor}: {loaded[anchor].source})")
     with report.stage("fuse"):
-        fused = _call_fuse(fuse, traced, anchor, options, data)
+        fused = _fuse_quietly(lambda: _call_fuse(fuse, traced, anchor, options, data))
+    check_finite_params(fused, "the fused model", error=NonFiniteError)
     report.config = {"options": _effective_options(fuse, options), "given": options, "anchor": anchor,
                      "data": args.data, "inputs": [list(t.shape) for t in example],
                      "input_dtypes": [str(t.dtype) for t in example]}
     report.add_fusion(_fusion_stats(fused))
-    onnx_check = None
+    if args.onnx:
+        report.results["onnx"] = {"file": "model.onnx", "status": "not run yet"}
 
     save_start = time.perf_counter()
 
     def extras(tmp: Path) -> None:
-        nonlocal onnx_check
         report.timings["save"] = round(time.perf_counter() - save_start, 4)  # the model's files are written
-        if args.onnx:
-            from otfx.export.onnx import export_command
-
-            with report.stage("onnx"):
-                onnx_check = export_command(fused, example, tmp / "model.onnx", True)
-            report.results["onnx"] = {"file": "model.onnx", "passed": onnx_check.passed,
-                                      "max_abs_diff": onnx_check.max_abs_diff, "provider": onnx_check.provider,
-                                      "atol": onnx_check.atol}
         write_report(report.to_dict(), tmp / "report.json")
 
-    save_model(loaded[anchor], fused, args.out, overwrite=args.overwrite, extras=extras,
-               inputs=_input_paths(args.models, args))
+    # the model is saved (and in place) before any ONNX work: a failed export never loses the fused result
+    out = save_model(loaded[anchor], fused, args.out, overwrite=args.overwrite, extras=extras, inputs=inputs,
+                     command="fuse")
     spaces = report.spaces
     print(f"fused {n} models into {args.out} ({type(fused).__name__}"
           + (f", {len(spaces)} spaces aligned" if spaces else "") + ")")
@@ -309,12 +339,61 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         print(f"maps: {summary['count']}, sharpness {summary['sharpness']['min']:.2f} to "
               f"{summary['sharpness']['max']:.2f}" + (f", at most {summary['iterations']['max']:.0f} solver iterations"
                                                        if summary.get("iterations", {}).get("max") else ""))
+    onnx_check, status = None, 0
+    if args.onnx:
+        onnx_check, status = _fused_onnx(fused, example, Path(out), report)
     print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()))
     print(f"report: {Path(args.out) / 'report.json'}")
     if onnx_check is not None:
         print(onnx_check)
-        return 0 if onnx_check.passed else 1
-    return 0
+    return status
+
+
+def _fused_onnx(fused: torch.nn.Module, example: tuple, out: Path, report: FusionReport):
+    """Export the saved fused model to ``out/model.onnx`` and check it; the report is rewritten either way.
+    Returns the check (None if the export failed) and the exit status."""
+    from otfx.export.onnx import OnnxExportError, export_command
+
+    onnx_check, status = None, 0
+    try:
+        with report.stage("onnx"):
+            onnx_check = export_command(fused, example, out / "model.onnx", True)
+        report.results["onnx"] = {"file": "model.onnx", "passed": onnx_check.passed,
+                                  "max_abs_diff": onnx_check.max_abs_diff, "provider": onnx_check.provider,
+                                  "atol": onnx_check.atol, "note": getattr(onnx_check, "note", None)}
+        status = 0 if onnx_check.passed or getattr(onnx_check, "skipped", False) else 1
+    except (OnnxExportError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        report.results["onnx"] = {"file": None, "error": first}
+        print(f"otfx fuse: error: the fused model is saved in {out}, but its ONNX export failed: {first}",
+              file=sys.stderr)
+        status = 1
+    with atomic_file(out / "report.json") as handle:
+        import json
+
+        from otfx.io.report import jsonable
+
+        json.dump(jsonable(report.to_dict()), handle, indent=2)
+        handle.write("\n")
+    return onnx_check, status
+
+
+def _fuse_quietly(call: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Run a fusion; the solver's per-map not-converged warnings become one line (report.json has each map)."""
+    from otfx.align.solvers import OTNotConvergedWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = call()
+    late = [w for w in caught if issubclass(w.category, OTNotConvergedWarning)]
+    for w in caught:
+        if w not in late:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if late:
+        first = str(late[0].message).split("(max_iter", 1)[0].strip()
+        warnings.warn(f"{len(late)} transport map(s) did not converge within --max-iter (first: {first}); their "
+                      "plans were kept; raise --max-iter or --reg, or use --solver emd", UserWarning, stacklevel=2)
+    return fused
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -326,6 +405,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     options["solver"] = args.solver or "sinkhorn_torch"
     check_output_dir(args.out, args.overwrite, _input_paths(args.models, args))
     loaded = _load_all(args, args.models, console)
+    inputs = _input_paths(args.models, args, loaded)
+    check_output_dir(args.out, args.overwrite, inputs)
     _check_same_architecture(loaded)
     example, data = _fit_data(args, loaded[anchor], _examples(args, loaded[anchor]))
     evaluation = load_labelled(args.eval, loaded[anchor], args.data_batch, args.eval_limit, example)
@@ -341,7 +422,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for reg in console.progress(regs, "sweeping reg"):
         start = time.perf_counter()
         try:
-            fused = _call_fuse(fuse, traced, anchor, {**options, "reg": reg}, data)
+            fused = _fuse_quietly(lambda reg=reg: _call_fuse(fuse, traced, anchor, {**options, "reg": reg}, data))
         except (ValueError, ArithmeticError) as err:  # one bad reg (e.g. Sinkhorn underflow) does not end the sweep
             rows.append({"reg": reg, metric: None, "error": str(err).splitlines()[0][:200]})
             continue
@@ -363,9 +444,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         (tmp / "sweep.txt").write_text(table + "\n")
         _plot_sweep(rows, metric, baselines, best, tmp / "sweep.png")
         if args.save_best and best_model is not None:
-            save_model(loaded[anchor], best_model, tmp / "best", inputs=_input_paths(args.models, args))
+            save_model(loaded[anchor], best_model, tmp / "best", inputs=inputs, command="sweep")
 
-    with atomic_dir(args.out, args.overwrite, _input_paths(args.models, args)) as tmp:
+    with atomic_dir(args.out, args.overwrite, inputs, command="sweep") as tmp:
         write(tmp)
     print(f"best reg: {best['reg']:g} ({metric} {best[metric]:.4f}); wrote {Path(args.out) / 'sweep.png'}")
     return 0
@@ -505,6 +586,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch", type=int, default=2, help="batch size of derived example inputs (default 2)")
     g.add_argument("--seq", type=int, help="sequence length of derived token inputs (default: that of token --data, "
                                            "else 16)")
+    g.add_argument("--allow-missing", action="store_true",
+                   help="accept checkpoints that lack tensors of the model or hold extra ones (default: an error)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -545,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graphml", metavar="FILE", help="write the flow graph as GraphML")
     p.add_argument("--png", metavar="FILE", help="draw the flow graph as PNG")
     p.add_argument("--all", action="store_true", help="list every space (default: the first 60)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing drawings written by otfx")
     _model_options(p)
     _common(p)
     p.set_defaults(run=cmd_inspect)
@@ -584,11 +668,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "options)", add_help=False)
     p.add_argument("demo_args", nargs=argparse.REMAINDER, help="arguments for the demo")
     p.set_defaults(run=cmd_demo, quiet=False, debug=False)
+    parser.commands = sub.choices  # for usage errors that belong to a subcommand
     return parser
 
 
 def _handled_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [OtfxInputError, TraceError, ValueError, OSError]
+    errors: list[type[BaseException]] = [OtfxInputError, TraceError, ValueError, OSError, RuntimeError]
     with contextlib.suppress(ImportError):
         from otfx.export.onnx import OnnxExportError
 
@@ -596,34 +681,82 @@ def _handled_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 failed check or run, 2 unusable input)."""
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["demo"]:  # everything after 'demo' belongs to the demo, --help included
-        argv = ["demo", "--", *argv[1:]]
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # argparse exits on --help and usage errors; report the status instead
-        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return 2
-    handled = _handled_errors()
-    try:
-        with quiet_hf_progress():
-            return int(args.run(args) or 0)
-    except BrokenPipeError:  # stdout closed early (| head): not an error
-        with contextlib.suppress(OSError):
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter from failing at exit
-        return 0
-    except handled as err:
-        if args.debug:
-            raise
-        message = str(err).strip() or type(err).__name__
-        print(f"otfx {args.command}: error: {message}", file=sys.stderr)
-        return 2 if isinstance(err, (OtfxInputError, FileNotFoundError)) else 1
-    except KeyboardInterrupt:
-        print(f"otfx {args.command}: interrupted", file=sys.stderr)
-        return 130
+#: exit statuses, one per class of failure
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
+
+def _status(err: BaseException) -> int:
+    """2: the inputs or options cannot be used (nothing was attempted); 1: the run or a check failed."""
+    if isinstance(err, (OtfxInputError, ModelInputError, NonFiniteParameterError, FileNotFoundError,
+                        IsADirectoryError, NotADirectoryError, PermissionError)):
+        return EXIT_INPUT
+    return EXIT_FAILED
+
+
+def _one_line_warnings(command: str):
+    """Warnings as one line each on stderr (``otfx fuse: warning: ...``), without source lines."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+        print(f"otfx {command}: warning: {text}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse; an unknown flag is reported with the usage of the subcommand it was given to."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = parser.commands.get(getattr(args, "command", None) or "", parser)
+        sub.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status: 0 ok, 1 a run or check failed, 2 unusable input or
+    options, 130 interrupted (SIGINT), 128 + N killed by signal N (SIGTERM: 143). Temporary outputs are removed
+    on every way out."""
+    try:
+        parser = build_parser()
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if argv[:1] == ["demo"]:  # everything after 'demo' belongs to the demo, --help included
+            argv = ["demo", "--", *argv[1:]]
+        try:
+            args = _parse(parser, argv)
+        except SystemExit as exit_:  # argparse exits on --help and usage errors; report the status instead
+            return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_INPUT
+        return _run(args)
+    except KeyboardInterrupt:
+        print("otfx: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated as err:
+        print(f"otfx: {err}", file=sys.stderr)
+        return 128 + err.signum
+
+
+def _run(args: argparse.Namespace) -> int:
+    handled = _handled_errors()
+    with terminate_as_exception(), warnings.catch_warnings():
+        if not args.debug:
+            warnings.showwarning = _one_line_warnings(args.command)
+        try:
+            with quiet_hf_progress():
+                return int(args.run(args) or 0)
+        except BrokenPipeError:  # stdout closed early (| head): not an error
+            with contextlib.suppress(OSError):
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter from failing at exit
+            return EXIT_OK
+        except handled as err:
+            if args.debug:
+                raise
+            message = str(err).strip() or type(err).__name__
+            print(f"otfx {args.command}: error: {message}", file=sys.stderr)
+            return _status(err)
+        except KeyboardInterrupt:
+            print(f"otfx {args.command}: interrupted; temporary files were removed", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Terminated as err:
+            print(f"otfx {args.command}: {err}; temporary files were removed", file=sys.stderr)
+            return 128 + err.signum

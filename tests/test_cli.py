@@ -84,7 +84,7 @@ def test_inspect_prints_spaces_and_draws(tmp_path, capsys, models):
                          tmp_path / "g.dot", "--graphml", tmp_path / "g.graphml", "--quiet")
     assert code == 0, err
     assert "free spaces: 9 (residual 1, hidden 2, heads 2, head_dim_qk 2, head_dim_v 2)" in out
-    nodes = re.search(r"flow graph: (\d+) nodes", out)
+    nodes = re.search(r"map graph: (\d+) nodes", out)
     assert "head_dim_qk" in out and nodes and "coverage:" in out
     assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "g.dot").read_text().startswith(("digraph", "strict digraph"))
@@ -137,7 +137,7 @@ def error_cases(models, tmp: Path) -> list[tuple[list, str]]:
         (["fuse", *pair, "--out", tmp / "o5", "--tokens", "window:x"], "must be all, cls or window:N"),
         (["fuse", *pair, "--out", tmp / "o6", "--anchor", "2"], "--anchor 2 is out of range"),
         (["fuse", models["bert_a"], "--out", tmp / "o7"], "at least two MODELs"),
-        (["export", models["bert_a"], "--out", tmp / "taken"], "already exists"),
+        (["export", models["bert_a"], "--out", tmp / "taken"], "is a folder; give a file name"),
         (["sweep", *pair, "--data", tmp / "bad.npz", "--eval", tmp / "bad.npz", "--out", tmp / "o8",
           "--solver", "emd"], "no regularisation to sweep"),
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -15,6 +16,7 @@ from otfx.align import solvers
 from otfx.align.solvers import (
     SOLVERS,
     OTFallbackWarning,
+    OTNotConvergedWarning,
     PlanInfo,
     RawPlan,
     normalise_cost,
@@ -74,7 +76,8 @@ def _assert_plan(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor, tol: floa
 
 def _no_foreign_warnings(caught: list[warnings.WarningMessage]) -> None:
     """POT's own warnings must be translated into PlanInfo.warnings, not leak."""
-    assert all(issubclass(w.category, OTFallbackWarning) for w in caught), [str(w.message) for w in caught]
+    ours = (OTFallbackWarning, OTNotConvergedWarning)
+    assert all(issubclass(w.category, ours) for w in caught), [str(w.message) for w in caught]
 
 
 # ----------------------------------------------------------------------------------------------- normalise_cost
@@ -231,15 +234,15 @@ def test_plain_pot_underflow_goes_through_log_domain() -> None:
 def test_unconverged_plan_is_flagged_or_replaced() -> None:
     a = torch.full((48,), 1 / 48, dtype=F64)
     cost, _ = _structured(48, 48, 11)  # after 2 sweeps the marginal error is ~4e-4: kept, flagged
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with pytest.warns(OTNotConvergedWarning, match=r"not converged, marginal error .* after 2 iterations"):
         plan, info = solve(cost, reg=0.06, max_iter=2)
-    assert caught == [] and info.method == "sinkhorn_torch" and info.iterations == 2 and not info.converged
+    assert info.method == "sinkhorn_torch" and info.iterations == 2 and not info.converged
+    assert info.fallback is None and 0 < info.marginal_error <= solvers.BREAKDOWN_TOL
     assert any("not converged" in w for w in info.warnings)
     _assert_plan(plan, a, a, solvers.BREAKDOWN_TOL)
     with pytest.warns(OTFallbackWarning, match=r"marginal error .* > 0.001.*falling back to 'lsa'"):
         plan, info = solve(_random(48, 48, 3), reg=0.02, max_iter=2)  # error ~0.06: replaced
-    assert info.method == "lsa"
+    assert info.method == "lsa" and info.fallback == "sinkhorn_torch" and info.converged
     _assert_plan(plan, a, a, 1e-12)
 
 
@@ -281,6 +284,27 @@ def test_input_errors_name_the_problem() -> None:
         solve(cost, torch.tensor([0.5, 0.5, 0.5, -0.5]))
     with pytest.raises(ValueError, match="unknown OT method"):
         solve(cost, method="hungarian")
+
+
+@pytest.mark.parametrize("reg", [0.0, -0.1, math.inf, math.nan, True])
+def test_unusable_reg_is_refused(reg: float) -> None:
+    with pytest.raises(ValueError, match="reg must be a positive finite number"):
+        solve(_random(4, 4, 0), reg=reg)
+    with pytest.raises(ValueError, match="reg must be a positive finite number"):
+        solve_batch(_random(4, 4, 0)[None], reg=reg)
+
+
+@pytest.mark.parametrize("max_iter", [0, -1, 2.5])
+def test_unusable_max_iter_is_refused(max_iter) -> None:
+    with pytest.raises(ValueError, match="max_iter must be an integer >= 1"):
+        solve(_random(4, 4, 0), max_iter=max_iter)
+
+
+def test_converged_plans_report_no_fallback() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither a fallback nor a not-converged warning
+        _, info = solve(COSTS["random"], reg=0.1)
+    assert info.converged and info.fallback is None and info.iterations > 0 and info.marginal_error < 1e-6
 
 
 def test_float32_input_and_registry() -> None:

@@ -29,7 +29,19 @@ class FusionConfig:
     max_iter: int = 1000
 
     def validate(self, n_models: int, has_data: bool) -> None:
+        import math
+        import numbers
+
         from otfx.align.solvers import SOLVERS
+
+        def finite_non_negative(w) -> bool:  # a Python, numpy or 0-d torch scalar, finite and >= 0
+            if isinstance(w, (bool, str)):
+                return False
+            try:
+                value = float(w)
+            except (TypeError, ValueError, RuntimeError):
+                return False
+            return math.isfinite(value) and value >= 0
 
         for name, value, allowed in (("cost", self.cost, COSTS), ("residual", self.residual, RESIDUAL),
                                      ("heads", self.heads, HEADS), ("qk", self.qk, QK)):
@@ -37,8 +49,11 @@ class FusionConfig:
                 raise FusionError(f"{name}={value!r} is not one of {', '.join(allowed)}")
         if self.solver not in SOLVERS:
             raise FusionError(f"solver={self.solver!r} is not one of {', '.join(sorted(SOLVERS))}")
-        if not self.reg > 0:
-            raise FusionError(f"reg must be positive, got {self.reg}")
+        if isinstance(self.reg, bool) or not isinstance(self.reg, numbers.Real) or not (
+                math.isfinite(self.reg) and self.reg > 0):
+            raise FusionError(f"reg must be a positive finite number, got {self.reg!r}")
+        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, numbers.Integral) or self.max_iter < 1:
+            raise FusionError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
         if n_models < 2:
             raise FusionError(f"fusion needs at least two models, got {n_models}")
         needs_data = self.cost == "activations" or self.residual.startswith("weighted")
@@ -48,8 +63,12 @@ class FusionConfig:
         if self.weights is not None:
             if len(self.weights) != n_models:
                 raise FusionError(f"weights has {len(self.weights)} entries for {n_models} models")
-            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
-                raise FusionError(f"weights must be non-negative with a positive sum, got {self.weights}")
+            bad = [i for i, w in enumerate(self.weights) if not finite_non_negative(w)]
+            if bad:
+                raise FusionError(f"weights[{bad[0]}] = {self.weights[bad[0]]!r}: every weight must be a finite "
+                                  f"non-negative number, got {list(self.weights)}")
+            if sum(self.weights) <= 0:
+                raise FusionError(f"weights must have a positive sum, got {list(self.weights)}")
         token_filter(self.tokens)
 
     def model_weights(self, n_models: int) -> list[float]:

@@ -23,6 +23,7 @@ def check_same_architecture(anchor: Inference, other: Inference) -> None:
         theirs = b_ops[at] if at < len(b_ops) else "missing"
         ours = a_ops[at] if at < len(a_ops) else "missing"
         raise FusionError(f"{b_name} and the anchor {a_name} trace to different graphs: op {at} is {theirs} vs {ours}")
+    _check_heads(anchor, other)
     for fqn, axes in anchor.param_axes.items():
         b_axes = other.param_axes[fqn]
         if len(axes) != len(b_axes):
@@ -43,3 +44,23 @@ def _canonical(inference: Inference) -> list[int]:
     """The fine partition as a list: each space's class named by its first member."""
     first: dict[int, int] = {}
     return [first.setdefault(inference.fine(sid), sid) for sid in range(len(inference.spaces.fine.parent))]
+
+
+def _check_heads(anchor: Inference, other: Inference) -> None:
+    """Attention layers must have the same head counts: with equal hidden sizes (4 x 16 vs 8 x 8) the graphs and
+    parameter shapes agree, but no transport map turns one head layout into the other."""
+    a_att = [r for r in anchor.records if r.kind == "attention"]
+    b_att = [r for r in other.records if r.kind == "attention"]
+    for i, (ra, rb) in enumerate(zip(a_att, b_att)):
+        heads_a = [anchor.size(h) for h in ra.info.get("heads", [])]
+        heads_b = [other.size(h) for h in rb.info.get("heads", [])]
+        if heads_a == heads_b:
+            continue
+        dim_a = anchor.size(ra.inputs[0]) if ra.inputs else "?"
+        dim_b = other.size(rb.inputs[0]) if rb.inputs else "?"
+        gqa = len(set(heads_a)) > 1 or len(set(heads_b)) > 1  # grouped-query: fewer key/value heads
+        kv = f" ({heads_b[1]} vs {heads_a[1]} key/value heads)" if gqa and heads_a[1:2] != heads_b[1:2] else ""
+        raise FusionError(f"attention {i} (node {ra.node}) has {heads_b[0] if heads_b else '?'} heads of width "
+                          f"{dim_b} in {other.traced.name} but {heads_a[0] if heads_a else '?'} heads of width "
+                          f"{dim_a} in the anchor {anchor.traced.name}{kv}; models with different head counts "
+                          "cannot be fused or aligned, even when their hidden sizes agree")

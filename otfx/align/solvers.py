@@ -7,6 +7,7 @@ Every solver shares one signature and is found by name in ``SOLVERS``. ``solve``
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,14 +26,21 @@ class OTFallbackWarning(UserWarning):
     """A solver broke down (zero, non-finite or unconverged plan) and another one was used."""
 
 
+class OTNotConvergedWarning(UserWarning):
+    """A Sinkhorn plan stopped at ``max_iter`` before its marginals met ``tol``; it was kept (close enough to
+    use) and ``PlanInfo.converged`` is False."""
+
+
 @dataclass
 class PlanInfo:
     method: str  # the solver actually used (after any fallback)
     iterations: int  # 0 for exact solvers
-    converged: bool
+    converged: bool  # the marginals met ``tol`` (exact solvers: always, unless they failed)
     sharpness: float  # mean over rows of max(P_i.)/sum(P_i.): 1 = permutation-like, 1/m = uniform
     cost_range: tuple[float, float]  # (min, max) of the raw cost before normalisation
     warnings: list[str] = field(default_factory=list)
+    fallback: str | None = None  # the solver that was asked for, when another one produced the plan
+    marginal_error: float = 0.0  # relative L1 marginal error of the returned plan
 
 
 @dataclass
@@ -327,6 +335,16 @@ def _prepare(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _normalise(cost, lo, hi), torch.stack([lo.flatten(), hi.flatten()], 1)
 
 
+def _check_options(reg: float, max_iter: int, tol: float) -> None:
+    """Refuse options no solver can use: reg must be positive and finite, max_iter at least 1."""
+    if isinstance(reg, bool) or not isinstance(reg, numbers.Real) or not (math.isfinite(reg) and reg > 0):
+        raise ValueError(f"reg must be a positive finite number, got {reg!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+
+
 def _pick(method: str, a: torch.Tensor, b: torch.Tensor, exact_fast: bool) -> str:
     if method not in SOLVERS:
         raise ValueError(f"unknown OT method {method!r}; known: {sorted(SOLVERS)}")
@@ -347,6 +365,7 @@ class _Job:
     tol: float
     exact_fast: bool
     cost_range: tuple[float, float]
+    asked: str = ""  # the method the caller asked for (after the lsa fast path)
 
 
 def _finish(raw: RawPlan, method: str, job: _Job, history: list[str]) -> tuple[torch.Tensor, PlanInfo]:
@@ -359,8 +378,12 @@ def _finish(raw: RawPlan, method: str, job: _Job, history: list[str]) -> tuple[t
         exact = method in ("emd", "lsa")
         converged = err <= (1e-9 if exact else job.tol * 1.01)
         if not converged:
-            notes.append(f"{method}: not converged, marginal error {err:.2g} after {raw.iterations} iterations")
-        info = PlanInfo(method, 0 if exact else raw.iterations, converged, sharpness, job.cost_range, notes)
+            msg = f"{method}: not converged, marginal error {err:.2g} after {raw.iterations} iterations"
+            notes.append(msg)
+            warnings.warn(f"OT solver {msg} (max_iter={job.max_iter}, reg={job.reg:g}, tol={job.tol:g}); the plan "
+                          "is kept; raise max_iter or reg", OTNotConvergedWarning, stacklevel=3)
+        info = PlanInfo(method, 0 if exact else raw.iterations, converged, sharpness, job.cost_range, notes,
+                        fallback=job.asked if method != job.asked else None, marginal_error=err)
         return raw.plan, info
     if method in ("emd", "lsa"):
         raise RuntimeError(f"exact OT solver {method!r} failed ({reason}); notes: {notes}")
@@ -386,6 +409,7 @@ def solve(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | N
     """
     if cost.dim() != 2:
         raise ValueError(f"solve takes one n x m cost, got shape {tuple(cost.shape)}; see solve_batch")
+    _check_options(reg, max_iter, tol)
     norm, lo_hi = _prepare(cost)
     a, b = _marginals(norm, a, b)
     cost_range = (float(lo_hi[0, 0]), float(lo_hi[0, 1]))
@@ -398,7 +422,7 @@ def solve(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | N
         info.cost_range, info.sharpness = cost_range, _breakdown(full, a, b)[3]
         return full, info
     method = _pick(method, a, b, exact_fast)
-    job = _Job(lambda: _prepare(cost)[0], a, b, reg, max_iter, tol, exact_fast, cost_range)
+    job = _Job(lambda: _prepare(cost)[0], a, b, reg, max_iter, tol, exact_fast, cost_range, method)
     return _finish(SOLVERS[method](norm, a, b, reg=reg, max_iter=max_iter, tol=tol), method, job, [])
 
 
@@ -414,6 +438,7 @@ def solve_batch(costs: torch.Tensor, a: torch.Tensor | None = None, b: torch.Ten
     if costs.dim() != 3 or 0 in costs.shape:
         raise ValueError(f"solve_batch takes non-empty k x n x m costs, got shape {tuple(costs.shape)}")
     k, n, m = costs.shape
+    _check_options(reg, max_iter, tol)
     a, b = _marginals(costs, a, b)
     kw = {"method": method, "reg": reg, "max_iter": max_iter, "tol": tol, "exact_fast": exact_fast}
     if method not in _BATCHED or not bool((a > 0).all() and (b > 0).all()):
@@ -427,7 +452,8 @@ def solve_batch(costs: torch.Tensor, a: torch.Tensor | None = None, b: torch.Ten
         kk = len(norm)
         raws = _torch_sinkhorn(_BATCHED[method], norm, a.expand(kk, -1), b.expand(kk, -1), reg, max_iter, tol)
         for j, (raw, (lo, hi)) in enumerate(zip(raws, lo_hi.tolist(), strict=True)):
-            job = _Job(lambda i=start + j: _prepare(costs[i])[0], a, b, reg, max_iter, tol, exact_fast, (lo, hi))
+            job = _Job(lambda i=start + j: _prepare(costs[i])[0], a, b, reg, max_iter, tol, exact_fast, (lo, hi),
+                       method)
             out[start + j], info = _finish(raw, method, job, [])
             infos.append(info)
     return out, infos

@@ -18,6 +18,7 @@ import io
 import json
 import keyword
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -85,12 +86,27 @@ class OnnxCheck:
     input_shapes: list
     torch_device: str = "cpu"
     output_shape: tuple = field(default_factory=tuple)
+    rtol: float = 0.0  # passed: |onnx - torch| <= atol + rtol * |torch| everywhere, NaN never matches
+    nonfinite: int = 0  # output entries where either side is NaN (or the infinities differ)
+    dtype: str = "float32"  # the PyTorch output's dtype, which sets the default tolerances
+    skipped: bool = False  # the file could not be run here (see note); nothing was compared
+    note: str | None = None
 
     def __str__(self) -> str:
+        if self.skipped:
+            return f"ONNX check SKIPPED: {self.note}"
         verdict = "PASS" if self.passed else "FAIL"
         shapes = ", ".join("x".join(map(str, s)) for s in self.input_shapes)
+        nan = f", {self.nonfinite} NaN/inf mismatches" if self.nonfinite else ""
         return (f"ONNX check {verdict}: {self.provider} vs torch[{self.torch_device}] on inputs ({shapes}): "
-                f"max|diff| {self.max_abs_diff:.3g}, mean {self.mean_abs_diff:.3g} (atol {self.atol:g})")
+                f"max|diff| {self.max_abs_diff:.3g}, mean {self.mean_abs_diff:.3g}{nan} "
+                f"(atol {self.atol:g}, rtol {self.rtol:g} for {self.dtype})")
+
+
+#: default (atol, rtol) of ``check_onnx`` by the PyTorch output's dtype: half precision rounds at ~1e-3 (fp16)
+#: and ~1e-2 (bf16) of the value, so a fixed fp32 atol would fail every correct fp16 export
+TOLERANCES = {torch.float64: (1e-7, 1e-7), torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3),
+              torch.bfloat16: (2e-2, 2e-2)}
 
 
 # --------------------------------------------------------------------------------------------- wrapper
@@ -306,6 +322,8 @@ def export_onnx(model: nn.Module, args: tuple, path: str | Path, *, kwargs: dict
         OnnxExportError: the exporter could not handle the model (with its shortened reason).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file name, like {path / 'model.onnx'}")
     args = tuple(args)
     model_class = type(model).__name__
     slots, consts = _plan(model, args, kwargs)
@@ -464,16 +482,50 @@ def _fresh_inputs(tensors: list[torch.Tensor], onnx_shapes: list[list | None], n
 
 
 def _abs_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
-    both_nan = np.isnan(a) & np.isnan(b)
-    d[both_nan] = 0.0
-    d[np.isnan(d)] = np.inf
+    """|a - b| with NaN anywhere (NaN vs NaN included: a NaN output is never right) as inf, equal
+    infinities as 0."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        d = np.abs(a - b)
+    d[np.isnan(d)] = np.inf  # inf - inf: equal infinities are set back to 0 below, NaN inputs stay inf
+    d[np.isinf(a) & (a == b)] = 0.0
+    d[np.isnan(a) | np.isnan(b)] = np.inf
     return d
 
 
+def _check_feed(fresh: list[torch.Tensor], names: list[str], onnx_inputs: list, named: bool) -> None:
+    """Inputs must have the rank (and the static sizes) of the ONNX graph's inputs: say which does not."""
+    by_name = {i.name: i for i in onnx_inputs}
+    for k, (n, x) in enumerate(zip(names, fresh, strict=True)):
+        spec = by_name.get(n) if named else (onnx_inputs[k] if k < len(onnx_inputs) else None)
+        if spec is None or spec.shape is None:
+            continue
+        if x.ndim != len(spec.shape):
+            raise ValueError(f"input {n!r} has {x.ndim} dims {tuple(x.shape)} but the ONNX graph expects "
+                             f"{len(spec.shape)} ({'x'.join(map(str, spec.shape))})")
+        for axis, (got, want) in enumerate(zip(x.shape, spec.shape)):
+            if isinstance(want, int) and want > 0 and got != want:
+                raise ValueError(f"input {n!r} has size {got} on axis {axis} but that axis is static ({want}) "
+                                 f"in the ONNX graph ({'x'.join(map(str, spec.shape))})")
+
+
+def _unsupported(err: BaseException, model: nn.Module, providers: list[str]) -> str | None:
+    """Why onnxruntime cannot run a file here, when it is a known gap rather than a broken export."""
+    text = str(err)
+    if "NOT_IMPLEMENTED" not in text and "Could not find an implementation" not in text:
+        return None
+    dtypes = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()}
+    low = sorted(dtypes & {"bfloat16", "float16"})
+    what = f"{'/'.join(low)} " if low else ""
+    op = text.split("implementation for", 1)[1].split("node", 1)[0].strip() if "implementation for" in text else "an op"
+    return (f"onnxruntime ({providers[0]}) has no {what}kernel for {op}; the ONNX file was written but not "
+            f"checked. Check a float32 export instead (model.float()) or run it where the provider supports "
+            f"{what or 'these '}ops")
+
+
 def check_onnx(path: str | Path, model: nn.Module, args: tuple, *, providers: list[str] | None = None,
-               atol: float = 1e-4, inputs: tuple | None = None, seed: int = 0,
-               kwargs: dict | None = None, output: OutputSelector = None) -> OnnxCheck:
+               atol: float | None = None, inputs: tuple | None = None, seed: int = 0,
+               kwargs: dict | None = None, output: OutputSelector = None, rtol: float | None = None) -> OnnxCheck:
     """Run the ONNX file with onnxruntime and the PyTorch model (eval mode) on fresh inputs and compare.
 
     ``args`` / ``kwargs`` are the export-time arguments. Fresh inputs are ``inputs`` (positional tensors,
@@ -481,10 +533,22 @@ def check_onnx(path: str | Path, model: nn.Module, args: tuple, *, providers: li
     (ints within ``[0, max(args)]``, ``randn`` for floats, all-ones masks). ``providers`` defaults to CUDA if
     onnxruntime has it, else CPU; unavailable providers raise ``ValueError`` instead of falling back. PyTorch
     runs on the model's device; ``output`` selects its main output as at export.
+
+    It passes when ``|onnx - torch| <= atol + rtol * |torch|`` everywhere; NaN on either side is a mismatch.
+    ``atol``/``rtol`` default to :data:`TOLERANCES` for the PyTorch output's dtype (fp16/bf16 looser). A
+    file onnxruntime has no kernels for here (bf16 on CPU) gives a ``skipped`` check saying so.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not an ONNX file")
     providers = list(providers) if providers else default_providers()
-    sess = _session(path, providers)
+    try:
+        sess = _session(path, providers)
+    except Exception as e:
+        why = _unsupported(e, model, providers)
+        if why is None:
+            raise
+        return OnnxCheck(math.nan, math.nan, providers[0], False, math.nan, [], skipped=True, note=why)
     slots, consts = _plan(model, tuple(args), kwargs)
     names = [s.name for s in slots if s.name is not None]
     tensors = [args[s.key] if isinstance(s.key, int) else kwargs[s.key] for s in slots if s.name is not None]
@@ -499,6 +563,7 @@ def check_onnx(path: str | Path, model: nn.Module, args: tuple, *, providers: li
         fresh = [x if isinstance(x, torch.Tensor) else torch.as_tensor(x) for x in inputs]
         if len(fresh) != len(names):
             raise ValueError(f"inputs has {len(fresh)} tensors, the export has {len(names)}: {names}")
+    _check_feed(fresh, names, onnx_inputs, named)
 
     try:
         device = next(iter(model.parameters())).device
@@ -506,7 +571,12 @@ def check_onnx(path: str | Path, model: nn.Module, args: tuple, *, providers: li
         device = tensors[0].device
     wrapper = _make_wrapper(model, slots, consts, output)
     with eval_mode(model), torch.no_grad():
-        ref = wrapper(*(x.to(device) for x in fresh)).detach().float().cpu().numpy()
+        out = wrapper(*(x.to(device) for x in fresh)).detach()
+    dtype = out.dtype
+    ref = out.float().cpu().numpy()
+    default_atol, default_rtol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
 
     if named:
         feed = {n: x.detach().cpu().numpy() for n, x in zip(names, fresh, strict=True) if n in by_name}
@@ -515,17 +585,27 @@ def check_onnx(path: str | Path, model: nn.Module, args: tuple, *, providers: li
     try:
         got = sess.run(None, feed)[0]
     except Exception as e:
+        why = _unsupported(e, model, providers)
+        if why is not None:
+            return OnnxCheck(math.nan, math.nan, sess.get_providers()[0], False, atol, [tuple(x.shape) for x in fresh],
+                             str(device), tuple(ref.shape), rtol, dtype=str(dtype).removeprefix("torch."),
+                             skipped=True, note=why)
         shapes = {k: v.shape for k, v in feed.items()}
         raise RuntimeError(f"onnxruntime failed on inputs {shapes} "
                            f"(graph inputs {[(i.name, i.shape) for i in sess.get_inputs()]}): {e}") from e
     if got.shape != ref.shape:
         raise RuntimeError(f"ONNX output shape {got.shape} != PyTorch output shape {ref.shape}")
     d = _abs_diff(np.asarray(got), ref)
+    finite = np.isfinite(d)
+    nonfinite = int((~finite).sum())
     max_d = float(d.max()) if d.size else 0.0
-    mean_d = float(d.mean()) if d.size else 0.0
+    mean_d = float(d[finite].mean()) if finite.any() else (0.0 if not d.size else math.inf)
+    limit = atol + rtol * np.abs(np.nan_to_num(ref.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0))
+    passed = bool((d <= limit).all()) and nonfinite == 0
     return OnnxCheck(max_abs_diff=max_d, mean_abs_diff=mean_d, provider=sess.get_providers()[0],
-                     passed=bool(max_d < atol), atol=atol, input_shapes=[tuple(x.shape) for x in fresh],
-                     torch_device=str(device), output_shape=tuple(ref.shape))
+                     passed=passed, atol=atol, input_shapes=[tuple(x.shape) for x in fresh],
+                     torch_device=str(device), output_shape=tuple(ref.shape), rtol=rtol, nonfinite=nonfinite,
+                     dtype=str(dtype).removeprefix("torch."))
 
 
 def export_command(model: nn.Module, args: tuple, out: str | Path, check: bool) -> OnnxCheck | None:

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from otfx.io import OtfxInputError, atomic_dir, atomic_file
+from otfx.io import OtfxInputError
+from otfx.io.output import atomic_dir, atomic_file
 
 #: written next to the weights of every model that :func:`save_model` saves
 META_FILE = "otfx-model.json"
@@ -86,20 +87,25 @@ class LoadedModel:
 
 
 def load_model(spec: str | Path, checkpoint: str | Path | None = None, model_kwargs: dict | str | None = None,
-               inputs: InputSpec | None = None) -> LoadedModel:
-    """Load a model from a spec (see the module docstring); errors name the path and what to do."""
+               inputs: InputSpec | None = None, allow_missing: bool = False) -> LoadedModel:
+    """Load a model from a spec (see the module docstring); errors name the path and what to do.
+
+    Loading is strict: a checkpoint that lacks tensors of the model, or holds tensors it does not have, is an
+    error (Hugging Face folders included, where transformers would initialise the missing ones at random);
+    ``allow_missing`` accepts both and records them in ``notes``.
+    """
     spec = str(spec)
     kwargs = _parse_kwargs(model_kwargs)
     path = Path(spec)
     if spec.startswith("timm:"):
-        loaded = _load_timm(spec[5:], checkpoint, kwargs, spec)
+        loaded = _load_timm(spec[5:], checkpoint, kwargs, spec, allow_missing)
     elif path.exists():
         if path.is_dir():
-            loaded = _load_folder(path, checkpoint, kwargs)
+            loaded = _load_folder(path, checkpoint, kwargs, allow_missing)
         else:
             raise OtfxInputError(f"{path} is a file, not a model; {_HOW} (a weights file goes after --checkpoint)")
     elif _FACTORY.match(spec):
-        loaded = _load_factory(spec, checkpoint, kwargs)
+        loaded = _load_factory(spec, checkpoint, kwargs, allow_missing=allow_missing)
     else:
         raise OtfxInputError(f"no such file or folder: {path}; {_HOW}")
     if inputs is not None:
@@ -142,10 +148,10 @@ def _read_json(path: Path) -> dict:
     return value
 
 
-def _load_folder(path: Path, checkpoint: str | Path | None, kwargs: dict) -> LoadedModel:
+def _load_folder(path: Path, checkpoint: str | Path | None, kwargs: dict, allow_missing: bool) -> LoadedModel:
     meta = _read_json(path / META_FILE) if (path / META_FILE).is_file() else None
     if (path / "config.json").is_file():
-        loaded = _load_hf(path)
+        loaded = _load_hf(path, allow_missing)
     elif meta is not None:
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
@@ -153,9 +159,10 @@ def _load_folder(path: Path, checkpoint: str | Path | None, kwargs: dict) -> Loa
         kind = meta.get("kind")
         merged = {**meta.get("kwargs", {}), **kwargs}
         if kind == "timm":
-            loaded = _load_timm(meta["name"], checkpoint or weights, merged, str(path))
+            loaded = _load_timm(meta["name"], checkpoint or weights, merged, str(path), allow_missing)
         elif kind == "factory":
-            loaded = _load_factory(meta["factory"], checkpoint or weights, merged, source=str(path))
+            loaded = _load_factory(meta["factory"], checkpoint or weights, merged, source=str(path),
+                                   allow_missing=allow_missing)
         else:
             raise OtfxInputError(f"{path / META_FILE} names an unknown kind {kind!r} (expected timm or factory)")
         loaded.paths.append(path)
@@ -170,7 +177,7 @@ def _load_folder(path: Path, checkpoint: str | Path | None, kwargs: dict) -> Loa
     return loaded
 
 
-def _load_hf(path: Path) -> LoadedModel:
+def _load_hf(path: Path, allow_missing: bool = False) -> LoadedModel:
     try:
         import transformers
         from transformers import AutoConfig
@@ -188,10 +195,25 @@ def _load_hf(path: Path) -> LoadedModel:
                                  f"({transformers.__version__}) does not have; upgrade transformers or re-save the "
                                  "model")
         cls = transformers.AutoModel
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report is replaced by ours (an error unless allow_missing)
     try:
-        model = cls.from_pretrained(path)
+        model, info = cls.from_pretrained(path, output_loading_info=True)
     except Exception as err:
         raise OtfxInputError(f"cannot load {cls.__name__} weights from {path}: {_first_line(err)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    misfits = _misfits(sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ()),
+                       sorted(str(m) for m in info.get("mismatched_keys") or ()))
+    notes = []
+    if misfits:
+        message = f"the weights in {path} do not fit {cls.__name__}: {misfits}"
+        if not allow_missing:
+            raise OtfxInputError(f"{message}. transformers would initialise the missing tensors at random; pass "
+                                 "--allow-missing (allow_missing=True) if that is what you want")
+        notes.append(f"{message}; missing tensors keep their random initialisation (--allow-missing)")
     tokenizer = None
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):
         try:
@@ -199,7 +221,7 @@ def _load_hf(path: Path) -> LoadedModel:
         except Exception:  # a model without a usable tokenizer is still a model
             tokenizer = None
     rebuild = {"kind": "hf", "architecture": cls.__name__}
-    return LoadedModel(model, "hf", str(path), tokenizer, config, rebuild, paths=[path])
+    return LoadedModel(model, "hf", str(path), tokenizer, config, rebuild, paths=[path], notes=notes)
 
 
 def _first_line(err: BaseException) -> str:
@@ -207,7 +229,8 @@ def _first_line(err: BaseException) -> str:
     return (text.splitlines()[0] if text else type(err).__name__)[:400]
 
 
-def _load_timm(name: str, checkpoint: str | Path | None, kwargs: dict, source: str) -> LoadedModel:
+def _load_timm(name: str, checkpoint: str | Path | None, kwargs: dict, source: str,
+               allow_missing: bool = False) -> LoadedModel:
     try:
         import timm
     except ImportError:
@@ -225,11 +248,12 @@ def _load_timm(name: str, checkpoint: str | Path | None, kwargs: dict, source: s
     except TypeError as err:
         raise OtfxInputError(f"timm model {name!r} rejected the kwargs {kwargs}: {_first_line(err)}") from None
     loaded = LoadedModel(model, "timm", source, rebuild={"kind": "timm", "name": name, "kwargs": kwargs})
-    _finish(loaded, ckpt)
+    _finish(loaded, ckpt, allow_missing)
     return loaded
 
 
-def _load_factory(spec: str, checkpoint: str | Path | None, kwargs: dict, source: str | None = None) -> LoadedModel:
+def _load_factory(spec: str, checkpoint: str | Path | None, kwargs: dict, source: str | None = None,
+                  allow_missing: bool = False) -> LoadedModel:
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -237,7 +261,7 @@ def _load_factory(spec: str, checkpoint: str | Path | None, kwargs: dict, source
         if err.name is None or not module_name.startswith(err.name) or _cwd_on_path():
             raise OtfxInputError(f"cannot import {module_name!r} for factory {spec!r}: {err}") from None
         sys.path.insert(0, str(Path.cwd()))  # 'otfx' (unlike 'python -m otfx') does not see the current folder
-        return _load_factory(spec, checkpoint, kwargs, source)
+        return _load_factory(spec, checkpoint, kwargs, source, allow_missing)
     factory: Any = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
@@ -255,15 +279,17 @@ def _load_factory(spec: str, checkpoint: str | Path | None, kwargs: dict, source
         raise OtfxInputError(f"factory {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
     loaded = LoadedModel(model, "factory", source or spec, rebuild={"kind": "factory", "factory": spec,
                                                                       "kwargs": kwargs})
-    _finish(loaded, ckpt)
+    _finish(loaded, ckpt, allow_missing)
     return loaded
 
 
-def _finish(loaded: LoadedModel, ckpt: Path | None) -> None:
+def _finish(loaded: LoadedModel, ckpt: Path | None, allow_missing: bool = False) -> None:
     if ckpt is None:
         loaded.notes.append(f"{loaded.source}: no --checkpoint, using the weights the constructor made")
         return
-    load_state(loaded.model, ckpt)
+    note = load_state(loaded.model, ckpt, allow_missing)
+    if note:
+        loaded.notes.append(note)
     loaded.paths.append(ckpt)
     loaded.rebuild["checkpoint"] = str(ckpt)
 
@@ -313,8 +339,18 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_state(model: nn.Module, path: Path) -> None:
-    """Load a checkpoint into ``model``; tied weights may appear under one name only. Misfits are errors."""
+def _misfits(missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
+    """'2 missing (a; b), 1 unexpected (c)': what a checkpoint lacks or has too much of."""
+    parts = []
+    for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        if items:
+            parts.append(f"{len(items)} {what} ({'; '.join(items[:4])}{', ...' if len(items) > 4 else ''})")
+    return ", ".join(parts)
+
+
+def load_state(model: nn.Module, path: Path, allow_missing: bool = False) -> str | None:
+    """Load a checkpoint into ``model``; tied weights may appear under one name only. Misfits are errors
+    (missing and unexpected tensors are accepted with ``allow_missing``; the returned note says which)."""
     state = read_state(path)
     expected = model.state_dict()
     aliases: dict[str, set[str]] = {}
@@ -325,18 +361,20 @@ def load_state(model: nn.Module, path: Path) -> None:
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)}"
               for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
-            if items:
-                parts.append(f"{len(items)} {what} ({'; '.join(items[:4])}{', ...' if len(items) > 4 else ''})")
-        raise OtfxInputError(f"checkpoint {path} does not fit {type(model).__name__}: {', '.join(parts)}. "
-                             "Check the model name/factory and its kwargs (--model-kwargs or a JSON sidecar)")
-    full = dict(state)
+    if shapes or ((missing or unexpected) and not allow_missing):
+        hint = "" if shapes else "; pass --allow-missing (allow_missing=True) to keep the constructor's values"
+        raise OtfxInputError(f"checkpoint {path} does not fit {type(model).__name__}: "
+                             f"{_misfits(missing, unexpected, shapes)}. Check the model name/factory and its kwargs "
+                             f"(--model-kwargs or a JSON sidecar){hint}")
+    full = {k: v for k, v in state.items() if k in expected}
     for k in expected:
-        if k not in full:
+        if k not in full and aliases.get(k, set()) & state.keys():
             full[k] = state[next(iter(aliases[k] & state.keys()))]
-    model.load_state_dict(full, strict=True)
+    model.load_state_dict(full, strict=not (missing or unexpected))
+    if missing or unexpected:
+        return (f"checkpoint {path}: {_misfits(missing, unexpected, [])}; missing tensors keep the constructor's "
+                "values (--allow-missing)")
+    return None
 
 
 def _tied(model: nn.Module) -> list[list[str]]:
@@ -421,7 +459,8 @@ def _max_positions(loaded: LoadedModel) -> int | None:
 
 
 def save_model(anchor: LoadedModel, fused: nn.Module, out_dir: str | Path, *, overwrite: bool = False,
-               extras=None, inputs: list[str | Path] = (), meta: dict | None = None) -> Path:
+               extras=None, inputs: list[str | Path] = (), meta: dict | None = None,
+               command: str | None = None) -> Path:
     """Save ``fused`` the way ``anchor`` was saved, atomically, into ``out_dir`` (refused if it exists).
 
     Hugging Face anchors give a ``save_pretrained`` folder (with the anchor's tokenizer); others give
@@ -430,7 +469,7 @@ def save_model(anchor: LoadedModel, fused: nn.Module, out_dir: str | Path, *, ov
     to be written (the anchor's are added).
     """
     protected = [*inputs, *anchor.paths]
-    with atomic_dir(out_dir, overwrite, protected) as tmp:
+    with atomic_dir(out_dir, overwrite, protected, command) as tmp:
         info = {"format": "otfx-model", "version": 1, **{k: v for k, v in anchor.rebuild.items()
                                                           if k != "checkpoint"}, **(meta or {})}
         if anchor.inputs is not None:

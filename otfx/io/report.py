@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from otfx.io import atomic_file
+from otfx.io.output import atomic_file
 
 #: distributions whose versions go into every report
 PACKAGES = ("otfx", "torch", "transformers", "POT", "onnx", "onnxruntime", "timm", "numpy")
