@@ -23,11 +23,34 @@ def is_dynamic(ctx: InferContext, node) -> bool:
     return isinstance(node, fx.Node) and node in ctx.dynamic
 
 
+def depends_on(ctx: InferContext, node: fx.Node, source: fx.Node) -> bool:
+    """Whether ``node`` is computed from ``source`` (a backward search, stopped at nodes before ``source``)."""
+    order = ctx.order(node)
+    start = order[source]
+    seen, frontier = set(), [node]
+    while frontier:
+        current = frontier.pop()
+        if current is source:
+            return True
+        if current in seen or order.get(current, -1) <= start:
+            continue
+        seen.add(current)
+        frontier.extend(current.all_input_nodes)
+    return False
+
+
+def is_table_term(ctx: InferContext, op, others: list) -> bool:
+    """A table read (parameter rows looked up by ids, e.g. position embeddings at positions computed from the
+    token ids) added to tensors not computed from it: a parameter added as it is, not a residual branch."""
+    return (isinstance(op, fx.Node) and op in ctx.tables
+            and not any(isinstance(o, fx.Node) and o is not op and depends_on(ctx, o, op) for o in others))
+
+
 def broadcast(ctx: InferContext, node: fx.Node, operands: list[fx.Node], combine: str | None) -> Axes:
     """Link the broadcast-aligned axes of element-wise operands and return the output axes.
 
-    ``combine`` names the flow-graph node ("residual" for add) created where two input-dependent operands
-    with different transport spaces meet; otherwise they are the same space.
+    ``combine`` names the flow-graph node ("residual" for add) created where two activations (input-dependent,
+    not table reads) with different transport spaces meet; otherwise they are the same space.
     """
     shapes = [ctx.shape(op) for op in operands]
     axes = [ctx.axes_of(op) for op in operands]
@@ -42,7 +65,7 @@ def broadcast(ctx: InferContext, node: fx.Node, operands: list[fx.Node], combine
             continue
         spaces = ctx.spaces
         distinct = {spaces.fine.find(s) for _, s in present}
-        dynamic = [s for op, s in present if is_dynamic(ctx, op)]
+        dynamic = [s for op, s in present if is_dynamic(ctx, op) and not is_table_term(ctx, op, operands)]
         if (combine and len(distinct) > 1 and len(dynamic) == len(present)
                 and not any(spaces.fine.is_fixed(s) for _, s in present)):
             joined = spaces.new(out_shape[d])
@@ -55,7 +78,9 @@ def broadcast(ctx: InferContext, node: fx.Node, operands: list[fx.Node], combine
             for _, s in present[1:]:
                 ctx.link(first, s)
             out.append(first)
-            if combine:  # parameters added as they are (position tables) describe the space they write
+            # parameters added as they are to an input-dependent tensor (position tables) describe the space
+            # they write; a parameter offset by a constant (a norm's 1 + w) does not
+            if combine and any(is_dynamic(ctx, op) for op in operands):
                 for op, ax, sh in zip(operands, axes, shapes):
                     if ax is not None and len(ax) >= offset and sh[len(sh) - offset] == out_shape[d]:
                         ctx.write(first, op, len(ax) - offset, node)

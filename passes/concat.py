@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 from otfx.passes import register
-from otfx.passes._common import arg, dim_index, is_dynamic
+from otfx.passes._common import arg, dim_index, is_dynamic, is_table_term
 from torch import fx
 
 from otfx.infer.context import InferContext
@@ -25,7 +25,7 @@ def _join_other_axes(ctx: InferContext, node: fx.Node, tensors: list[fx.Node], s
             continue
         column = [ax[d] for ax in all_axes]
         distinct = {spaces.fine.find(s) for s in column}
-        if (len(distinct) > 1 and all(is_dynamic(ctx, t) for t in tensors)
+        if (len(distinct) > 1 and all(is_dynamic(ctx, t) and not is_table_term(ctx, t, tensors) for t in tensors)
                 and not any(spaces.fine.is_fixed(s) for s in column)):
             joined = spaces.new(spaces.size(column[0]))
             for s in column:
@@ -36,8 +36,9 @@ def _join_other_axes(ctx: InferContext, node: fx.Node, tensors: list[fx.Node], s
             for s in column[1:]:
                 ctx.link(column[0], s)
             out.append(column[0])
-            for t in tensors:  # a class token concatenated as it is describes the space it writes
-                ctx.write(column[0], t, d, node)
+            if any(is_dynamic(ctx, t) for t in tensors):  # a class token put next to patches describes them
+                for t in tensors:
+                    ctx.write(column[0], t, d, node)
     return out
 
 

@@ -113,4 +113,5 @@ def embedding(ctx: InferContext, node: fx.Node) -> None:
     out = ctx.spaces.new(ctx.shape(node)[-1])
     ctx.link(w_axes[1], out)
     ctx.produce(out, weight, 1, node)
+    ctx.tables.add(node)
     ctx.set_axes(node, list(id_axes) + [out])

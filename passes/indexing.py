@@ -52,6 +52,7 @@ def slice_(ctx: InferContext, node: fx.Node) -> None:
                 kept = sid
     spaces.set_structure(axes[dim], "sum", parts)
     spaces.together.append(parts)
+    spaces.kept.append(kept)
     ctx.set_axes(node, axes[:dim] + [kept] + axes[dim + 1:])
 
 

@@ -68,6 +68,8 @@ class InferContext:
     param_view: dict[fx.Node, tuple[str, list[int | None]]] = field(default_factory=dict)
     #: nodes whose value depends on the model's inputs (the rest depend on parameters and buffers only)
     dynamic: set[fx.Node] = field(default_factory=set)
+    #: table reads: parameter rows looked up by ids (embeddings), and views and casts of them
+    tables: set[fx.Node] = field(default_factory=set)
     #: parameters already read by an op, and those whose axes are a tied copy during the current op
     used_params: set[fx.Node] = field(default_factory=set)
     secondary: set[fx.Node] = field(default_factory=set)
@@ -84,7 +86,15 @@ class InferContext:
     #: factor spaces split by select/unbind: factor root -> (parent space, copies per index)
     factor_splits: dict[int, tuple[int, list[dict[int, int]]]] = field(default_factory=dict)
 
+    _order: dict[fx.Node, int] = field(default_factory=dict)
+
     # ---- reading ---------------------------------------------------------------------------------------
+    def order(self, node: fx.Node) -> dict[fx.Node, int]:
+        """The position of every node of ``node``'s graph (topological order)."""
+        if node not in self._order:
+            self._order = {n: i for i, n in enumerate(node.graph.nodes)}
+        return self._order
+
     @staticmethod
     def shape(node) -> tuple[int, ...] | None:
         val = node.meta.get("val") if isinstance(node, fx.Node) else None

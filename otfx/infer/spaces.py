@@ -174,6 +174,8 @@ class Spaces:
     #: groups of spaces that are fixed together (the parts of a sliced axis: a position table is sliced to
     #: the traced length, and the rest is used at other lengths)
     together: list[list[int]] = field(default_factory=list)
+    #: the parts of sliced axes that some slice reads (complementary slices, partial rotary: all are used)
+    kept: list[int] = field(default_factory=list)
     #: the links that merged coarse classes only: (a, b, kind)
     soft_links: list[tuple[int, int, LinkKind]] = field(default_factory=list)
 
@@ -230,10 +232,11 @@ class Spaces:
             self.fine.close()
             self.coarse.close()
             changed = False
+            used = {self.coarse.find(k) for k in self.kept}
             for group in self.together:
                 if any(self.coarse.is_fixed(s) for s in group):
-                    for s in group:
-                        if not self.coarse.is_fixed(s):
+                    for s in group:  # only an unread part is fixed with it: another length reads it
+                        if not self.coarse.is_fixed(s) and self.coarse.find(s) not in used:
                             self.fix(s, "part of a sliced axis whose kept part is fixed")
                             changed = True
             # a space fixed in the coarse partition is fixed in every fine class inside it

@@ -136,6 +136,8 @@ def infer(traced: Traced, registry: Registry | None = None) -> Inference:
         _run(ctx, op_pass.handler, node, "pass")
         if op_pass.view and node.args and isinstance(node.args[0], fx.Node):
             ctx.pass_view(node, node.args[0])
+            if node.args[0] in ctx.tables:
+                ctx.tables.add(node)
         for param_node, axes in swapped.items():
             ctx.axes[param_node] = axes
         ctx.secondary.clear()
