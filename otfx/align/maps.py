@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -51,16 +51,18 @@ class TransportMaps:
 
     def __init__(self, anchor: Inference, other: Inference, config: FusionConfig,
                  acts_anchor: dict | None = None, acts_other: dict | None = None,
-                 compute_dtype: torch.dtype | None = None):
+                 compute_dtype: torch.dtype | None = None, params_anchor: Mapping[str, torch.Tensor] | None = None,
+                 params_other: Mapping[str, torch.Tensor] | None = None):
         """``compute_dtype``: the dtype of features, costs and rewritten tensors; by default each parameter's
-        own (at least float32). Plans are float64 whatever it is."""
+        own (at least float32). Plans are float64 whatever it is. ``params_anchor``/``params_other``: where
+        the tensors are read from (e.g. checkpoints on disk, read when needed) instead of the traced models."""
         self.anchor, self.other, self.config = anchor, other, config
         self.structure = PairStructure(anchor, other, config)
         self.part = self.structure.part
         self.costs = cost_provider(config.cost)
         self.acts = ActivationStore(acts_anchor, acts_other)
-        self.params_anchor = {k: v.detach() for k, v in anchor.traced.parameters().items()}
-        self.params_other = {k: v.detach() for k, v in other.traced.parameters().items()}
+        self.params_anchor = params_anchor if params_anchor is not None else _detached(anchor)
+        self.params_other = params_other if params_other is not None else _detached(other)
         self.compute_dtype = compute_dtype
         self.maps: dict[int, torch.Tensor] = {}
         self.stats: list[MapStats] = []
@@ -215,6 +217,10 @@ class TransportMaps:
         self.stats.append(MapStats(space, kind, n_a, n_b, info.method, info.cost_range, info.sharpness,
                                    info.iterations, used))
         return plan
+
+
+def _detached(inference: Inference) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in inference.traced.parameters().items()}
 
 
 def _identity(maps: TransportMaps, root: int, data: dict) -> torch.Tensor:
