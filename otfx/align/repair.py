@@ -173,7 +173,8 @@ def repair(fused: nn.Module, parents: Sequence, data, weights: Sequence[float] |
     """A copy of ``fused`` whose layer outputs have, on ``data`` (batches of unlabelled inputs), the weighted
     mean (``weights``, anchor first, uniform by default) of the parents' per-unit means and stds.
 
-    ``parents[0]`` is the anchor, whose spaces the fused model has. ``aligned``: the parents rewritten into the
+    ``parents[0]`` is the anchor, whose spaces, shapes and graph the fused model has (it is run on the anchor's
+    traced graph with its own tensors, never traced again). ``aligned``: the parents rewritten into the
     anchor's spaces (default: ``otfx.align(parent, to=anchor)``, a function-preserving permutation, so a unit's
     statistics are the parent's own). Units are repaired in graph order, each after the ones before it. The
     inputs are not modified; ``result.otfx_repair`` lists the units and their statistics before and after.
@@ -183,7 +184,6 @@ def repair(fused: nn.Module, parents: Sequence, data, weights: Sequence[float] |
     if len(parents) < 1:
         raise FusionError("repair needs the parents (anchor first)")
     anchor = _traced(parents[0], args, kwargs)
-    args, kwargs = anchor.args, anchor.kwargs
     data = list(data)
     w = [1.0] * len(parents) if weights is None else [float(x) for x in weights]
     if len(w) != len(parents) or sum(w) <= 0 or any(x < 0 for x in w):
@@ -195,17 +195,16 @@ def repair(fused: nn.Module, parents: Sequence, data, weights: Sequence[float] |
         raise FusionError(f"aligned has {len(aligned)} models for {len(parents)} parents")
     from otfx.api import analyse
 
+    # the fused model and the aligned parents have the anchor's graph and shapes: run them all on its graph
     result = copy.deepcopy(_module(fused))
-    traced = trace(result, args, kwargs)
-    units = repair_units(analyse(traced))
+    units = repair_units(analyse(anchor))
     targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for wk, model in zip(w, aligned):
-        t = _traced(model, args, kwargs)
-        stats = _execute(t, _module(t), data, units)
+        stats = _execute(anchor, _module(model), data, units)
         for name, (mean, std) in stats.items():
             m0, s0 = targets.get(name, (0.0, 0.0))
             targets[name] = (m0 + wk * mean, s0 + wk * std)
-    before = _execute(traced, result, data, units, targets, eps)
+    before = _execute(anchor, result, data, units, targets, eps)
     result.otfx_repair = {"units": [u.node for u in units],
                           "std_before": {k: float(v[1].mean()) for k, v in before.items()},
                           "std_target": {k: float(v[1].mean()) for k, v in targets.items()}}
