@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from otfx.align.config import FusionConfig, FusionError
 from otfx.align.maps import TransportMaps
@@ -68,6 +67,16 @@ class Checkpoint(Mapping):
     def __len__(self) -> int:
         return len(self.files)
 
+    def specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (shape, safetensors dtype) of every stored tensor, read from the headers only."""
+        out = {}
+        for name, path in self.files.items():
+            if path not in self._open:
+                self._open[path] = safe_open(path, "pt")
+            sliced = self._open[path].get_slice(name)
+            out[name] = (tuple(sliced.get_shape()), sliced.get_dtype())
+        return out
+
     def resolve_tied(self, groups: list[list[str]]) -> None:
         """Let every name of a tied group read the one the checkpoint stores."""
         for group in groups:
@@ -77,44 +86,85 @@ class Checkpoint(Mapping):
                     self.aliases[name] = stored[0]
 
 
-class ShardWriter:
-    """Collects tensors into safetensors shards of at most ``shard_bytes`` (a tensor larger than that gets a
-    shard of its own) and writes the index, as ``save_pretrained`` names them."""
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+_FROM_NAME = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
 
-    def __init__(self, folder: Path, shard_bytes: int):
-        self.folder, self.shard_bytes = folder, shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.size = 0
-        self.shards: list[dict[str, int]] = []  # per written shard: name -> bytes
+
+class ShardWriter:
+    """Safetensors shards laid out in advance from the names, shapes and dtypes of the output (the anchor's
+    checkpoint), so that each tensor is written to its place in its shard as soon as it is known and nothing
+    is held back; at most ``shard_bytes`` of data per shard (a larger tensor gets a shard of its own)."""
+
+    def __init__(self, folder: Path, specs: dict[str, tuple[tuple[int, ...], str]], shard_bytes: int):
+        self.folder = folder
+        groups: list[list[str]] = [[]]
+        size = 0
+        for name, (shape, dtype) in specs.items():
+            nbytes = _nbytes(shape, dtype)
+            if groups[-1] and size + nbytes > shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(name)
+            size += nbytes
+        n = len(groups)
+        self.names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                                                            for i in range(n)]
+        self.where: dict[str, tuple[Path, int, int]] = {}  # name -> (file, byte offset, bytes)
+        self.total = 0
+        for file_name, names in zip(self.names, groups):
+            header, offset = {}, 0
+            for name in names:
+                shape, dtype = specs[name]
+                nbytes = _nbytes(shape, dtype)
+                header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+            header["__metadata__"] = {"format": "pt"}
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            path = folder / file_name
+            with open(path, "wb") as f:
+                f.write(len(raw).to_bytes(8, "little") + raw)
+                f.truncate(8 + len(raw) + offset)
+            for name in names:
+                start, end = header[name]["data_offsets"]
+                self.where[name] = (path, 8 + len(raw) + start, end - start)
+            self.total += offset
+        self.specs, self.written = specs, set()
+        self._files: dict[Path, object] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.size + nbytes > self.shard_bytes:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.size += nbytes
-
-    def _flush(self) -> None:
-        save_file(self.pending, self.folder / f"shard-{len(self.shards):05d}.tmp", metadata={"format": "pt"})
-        self.shards.append({k: v.numel() * v.element_size() for k, v in self.pending.items()})
-        self.pending, self.size = {}, 0
+        shape, dtype = self.specs[name]
+        if tuple(tensor.shape) != tuple(shape) or _DTYPES.get(tensor.dtype) != dtype:
+            raise FusionError(f"internal: {name} is {tuple(tensor.shape)} {tensor.dtype}, the output expects "
+                              f"{tuple(shape)} {dtype}")
+        path, offset, nbytes = self.where[name]
+        handle = self._files.get(path) or self._files.setdefault(path, open(path, "r+b"))  # noqa: SIM115
+        handle.seek(offset)
+        handle.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        self.written.add(name)
 
     def close(self) -> list[Path]:
-        if self.pending or not self.shards:
-            self._flush()
-        n = len(self.shards)
-        if n == 1:
-            (self.folder / "shard-00000.tmp").rename(self.folder / "model.safetensors")
-            return [self.folder / "model.safetensors"]
-        names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        weight_map, total = {}, 0
-        for i, (shard, name) in enumerate(zip(self.shards, names)):
-            (self.folder / f"shard-{i:05d}.tmp").rename(self.folder / name)
-            weight_map.update(dict.fromkeys(shard, name))
-            total += sum(shard.values())
-        (self.folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                    indent=2) + "\n")
-        return [self.folder / name for name in names]
+        for handle in self._files.values():
+            handle.close()
+        missing = [n for n in self.specs if n not in self.written]
+        if missing:
+            raise FusionError(f"internal: {len(missing)} tensors were never written, e.g. {missing[:3]}")
+        if len(self.names) > 1:
+            weight_map = {name: where[0].name for name, where in self.where.items()}
+            (self.folder / INDEX).write_text(json.dumps({"metadata": {"total_size": self.total},
+                                                         "weight_map": weight_map}, indent=2) + "\n")
+        return [self.folder / n for n in self.names]
+
+
+def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    count = 1
+    for d in shape:
+        count *= d
+    return count * torch.empty((), dtype=_FROM_NAME[dtype]).element_size()
 
 
 def parse_size(text: str | int) -> int:
@@ -181,7 +231,7 @@ def fuse_checkpoints(anchor: str | Path, other: str | Path, out: str | Path, *, 
     w = config.model_weights(2)
     groups = {name: g for g in tied_groups(models[0]) for name in g}
     with atomic_dir(out, overwrite, inputs=[anchor, other], command="otfx.stream.fuse_checkpoints") as tmp:
-        writer = ShardWriter(tmp, parse_size(shard_size))
+        writer = ShardWriter(tmp, readers[0].specs(), parse_size(shard_size))
         written: set[str] = set()
         maps = TransportMaps(*inferences, config, params_anchor=readers[0], params_other=readers[1])
         maps.release = True
