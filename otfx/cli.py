@@ -44,6 +44,14 @@ FUSE_OPTIONS = ("cost", "solver", "reg", "residual", "heads", "qk", "tokens", "w
 # ----------------------------------------------------------------------------------------------- helpers
 
 
+def _stderr_line(message: str) -> None:
+    """One line on stderr that does not share its line with a progress bar (tqdm moves the bar below it)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+    sys.stderr.flush()
+
+
 class _Console:
     """Progress bars and notes on stderr (silenced by --quiet); results go to stdout."""
 
@@ -52,7 +60,7 @@ class _Console:
 
     def say(self, message: str) -> None:
         if not self.quiet:
-            print(message, file=sys.stderr, flush=True)
+            _stderr_line(message)
 
     def progress(self, items: Sequence, desc: str):
         from tqdm.auto import tqdm
@@ -294,6 +302,8 @@ def _fusion_setup(args: argparse.Namespace, verb: str):
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
+    if args.out is None:
+        raise OtfxInputError("fuse needs --out DIR (or 'out:' in --config)")
     console, n, fuse, anchor = _fusion_setup(args, "fuse")
     options = _fuse_options(args, n)
     check_output_dir(args.out, args.overwrite, _input_paths(args.models, args))
@@ -311,6 +321,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         console.say(f"data: {sum(len(b[0]) for b in data)} samples in {len(data)} batches from {args.data}")
     with report.stage("trace"):
         traced = _trace_all(loaded, example, console)
+    if args.dry_run:
+        return _dry_run(args, loaded, traced, anchor, _effective_options(fuse, options))
     console.say(f"fusing {n} x {type(loaded[anchor].model).__name__} (anchor {anchor}: {loaded[anchor].source})")
     with report.stage("fuse"):
         fused = _fuse_quietly(lambda: _call_fuse(fuse, traced, anchor, options, data))
@@ -347,6 +359,27 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     if onnx_check is not None:
         print(onnx_check)
     return status
+
+
+def _dry_run(args: argparse.Namespace, loaded: list[LoadedModel], traced: list, anchor: int, options: dict) -> int:
+    """What ``fuse --dry-run`` prints: every model traced, the anchor's spaces, and the maps that would be solved."""
+    from otfx.inspection import render_summary
+
+    first = otfx.analyse(traced[anchor])
+    print(render_summary(first, max_rows=20))
+    print()
+    free = first.free_spaces()
+    for i, (lm, t) in enumerate(zip(loaded, traced)):
+        if i == anchor:
+            continue
+        other = otfx.analyse(t)
+        widths = sorted({(first.size(s), other.size(s)) for s in free if s < len(other.spaces.coarse.parent)})
+        print(f"model {i} ({lm.source}) -> anchor {anchor} ({loaded[anchor].source}): {len(free)} free spaces "
+              f"to map, widths {', '.join(f'{a}<-{b}' for a, b in widths[:8])}{' ...' if len(widths) > 8 else ''}")
+    shown = {k: v for k, v in options.items() if v is not None}
+    print(f"options: {', '.join(f'{k}={v}' for k, v in shown.items())}")
+    print(f"dry run: nothing fused, nothing written (would write {args.out})")
+    return 0
 
 
 def _fused_onnx(fused: torch.nn.Module, example: tuple, out: Path, report: FusionReport):
@@ -417,6 +450,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                              "and y (or an image folder with class subfolders), or use --metric loss")
     traced = _trace_all(loaded, example, console)
     baselines = {lm.source: evaluate(lm.model, evaluation, metric, lm) for lm in loaded}
+    baselines.update(_baselines(loaded, anchor, options.get("weights"), evaluation, metric, console))
     rows: list[dict] = []
     best_model = None
     for reg in console.progress(regs, "sweeping reg"):
@@ -436,20 +470,41 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     best = (max if metric == "accuracy" else min)(scored, key=lambda r: r[metric])
     table = _sweep_table(rows, metric, baselines, best)
     print(table)
+    swept = {**_effective_options(fuse, options), "reg": regs}  # every reg tried; the best one is in "best"
     result = {"metric": metric, "rows": rows, "best": best, "baselines": baselines, "models": list(args.models),
-              "options": _effective_options(fuse, options), "eval": args.eval, "data": args.data}
+              "options": swept, "eval": args.eval, "data": args.data}
 
     def write(tmp: Path) -> None:
         write_report(result, tmp / "sweep.json")
         (tmp / "sweep.txt").write_text(table + "\n")
         _plot_sweep(rows, metric, baselines, best, tmp / "sweep.png")
         if args.save_best and best_model is not None:
-            save_model(loaded[anchor], best_model, tmp / "best", inputs=inputs, command="sweep")
+            report = FusionReport(models=list(args.models))
+            report.config = {"options": {**swept, "reg": best["reg"]}, "anchor": anchor, "data": args.data,
+                             "selected_by": {"metric": metric, "value": best[metric], "eval": args.eval}}
+            report.add_fusion(_fusion_stats(best_model))
+            save_model(loaded[anchor], best_model, tmp / "best", inputs=inputs, command="sweep",
+                       extras=lambda best_dir: write_report(report.to_dict(), best_dir / "report.json"))
 
     with atomic_dir(args.out, args.overwrite, inputs, command="sweep") as tmp:
         write(tmp)
     print(f"best reg: {best['reg']:g} ({metric} {best[metric]:.4f}); wrote {Path(args.out) / 'sweep.png'}")
     return 0
+
+
+def _baselines(loaded: list[LoadedModel], anchor: int, weights, evaluation: list, metric: str,
+               console: _Console) -> dict[str, float]:
+    """Vanilla fusion (plain averaging, when shapes agree) and the output ensemble, on the same data."""
+    models = [loaded[anchor].model] + [lm.model for i, lm in enumerate(loaded) if i != anchor]
+    if weights is not None:
+        weights = [weights[anchor]] + [w for i, w in enumerate(weights) if i != anchor]
+    out = {}
+    for name, build in (("vanilla fusion", otfx.vanilla_fuse), ("ensemble", otfx.ensemble)):
+        try:
+            out[name] = evaluate(build(*models, weights=weights), evaluation, metric, loaded[anchor])
+        except (ValueError, RuntimeError) as err:  # vanilla fusion needs equal shapes: say so, go on
+            console.say(f"note: no {name} baseline: {str(err).splitlines()[0][:200]}")
+    return out
 
 
 def _parse_regs(text: str) -> list[float]:
@@ -478,7 +533,8 @@ def _sweep_table(rows: list[dict], metric: str, baselines: dict, best: dict) -> 
         mark = "  <- best" if r is best else (f"  ({r['error']})" if "error" in r else "")
         lines.append(f"{r['reg']:>10g}  {value:>10}{mark}")
     for source, value in baselines.items():
-        lines.append(f"{'input':>10}  {value:>10.4f}  {source}")
+        kind = "baseline" if source in ("vanilla fusion", "ensemble") else "input"
+        lines.append(f"{kind:>10}  {value:>10.4f}  {source}")
     return "\n".join(lines)
 
 
@@ -495,7 +551,8 @@ def _plot_sweep(rows: list[dict], metric: str, baselines: dict, best: dict, path
     ax.plot([r["reg"] for r in scored], [r[metric] for r in scored], "o-", label="fused")
     ax.plot([best["reg"]], [best[metric]], "*", ms=14, color="tab:red", label=f"best (reg {best['reg']:g})")
     for i, (source, value) in enumerate(baselines.items()):
-        ax.axhline(value, ls="--", lw=1, color=f"C{i + 2}", label=f"input: {Path(source).name}")
+        label = source if source in ("vanilla fusion", "ensemble") else f"input: {Path(source).name}"
+        ax.axhline(value, ls="--", lw=1, color=f"C{i + 2}", label=label)
     ax.set_xscale("log")
     ax.set_xlabel("Sinkhorn regularisation (reg)")
     ax.set_ylabel(metric)
@@ -519,6 +576,10 @@ def evaluate(model: torch.nn.Module, batches: list, metric: str, loaded: LoadedM
                     if out.ndim != 2 or out.shape[0] != labels.shape[0]:
                         raise OtfxInputError(f"the model outputs shape {tuple(out.shape)}; labelled evaluation "
                                              "needs (batch, classes) logits")
+                    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= out.shape[1]):
+                        raise OtfxInputError(f"the evaluation labels range from {int(labels.min())} to "
+                                             f"{int(labels.max())} but the model has {out.shape[1]} classes "
+                                             f"(labels 0 to {out.shape[1] - 1}); check --eval")
                     if metric == "accuracy":
                         total += float((out.argmax(-1) == labels).sum())
                     else:
@@ -643,9 +704,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("fuse", help="fuse models into one, saved like the anchor, with report.json")
-    p.add_argument("models", nargs="+", metavar="MODEL")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="models to fuse, the anchor first (or in --config)")
+    p.add_argument("--out", metavar="DIR", help="new folder for the fused model (required, here or in --config)")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx and check it")
+    p.add_argument("--config", metavar="YAML", help="models, out, weights and options in a YAML file (mergekit "
+                   "style: models: [a, b], weights: [0.5, 0.5], options: {reg: 0.03}); flags given here win")
+    p.add_argument("--dry-run", action="store_true", help="load and trace, print the spaces and the plan of "
+                   "work; fuse and write nothing")
     _fusion_flags(p)
     _model_options(p)
     _common(p)
@@ -697,7 +762,7 @@ def _one_line_warnings(command: str):
     """Warnings as one line each on stderr (``otfx fuse: warning: ...``), without source lines."""
     def show(message, category, filename, lineno, file=None, line=None):
         text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
-        print(f"otfx {command}: warning: {text}", file=sys.stderr, flush=True)
+        _stderr_line(f"otfx {command}: warning: {text}")
 
     return show
 
@@ -708,7 +773,65 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     if extra:
         sub = parser.commands.get(getattr(args, "command", None) or "", parser)
         sub.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.subparser = parser.commands.get(getattr(args, "command", None) or "")
     return args
+
+
+def _merge_config(args: argparse.Namespace, sub: argparse.ArgumentParser) -> None:
+    """Fill what the command line left at its defaults from a YAML file (``models``, ``out``, ``weights``,
+    any flag by its long name, and the same under ``options``). Paths are relative to the current folder."""
+    import yaml
+
+    path = Path(args.config)
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise OtfxInputError(f"cannot read --config {path}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise OtfxInputError(f"--config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise OtfxInputError(f"--config {path} must hold a mapping (models:, out:, options: ...)")
+    flat = {**{k: v for k, v in config.items() if k != "options"}, **(config.get("options") or {})}
+    dests = {a.dest: a for a in sub._actions if a.dest not in ("help", "config", "run")}
+    for key, value in flat.items():
+        dest = str(key).replace("-", "_")
+        if dest == "models":
+            if args.models:
+                continue
+            specs, checkpoints = [], []
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, dict):
+                    specs.append(str(item.get("model") or item.get("path")))
+                    if item.get("checkpoint"):
+                        checkpoints.append(str(item["checkpoint"]))
+                else:
+                    specs.append(str(item))
+            args.models = specs
+            if checkpoints and not args.checkpoint:
+                args.checkpoint = checkpoints
+            continue
+        if dest not in dests:
+            known = ", ".join(sorted(d.replace("_", "-") for d in dests))
+            raise OtfxInputError(f"--config {path}: unknown key {key!r}; known: models, options, {known}")
+        if getattr(args, dest) != sub.get_default(dest):
+            continue  # the command line wins
+        if dest == "weights" and isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        elif dest == "model_kwargs" and isinstance(value, dict):
+            import json
+
+            value = json.dumps(value)
+        elif dest == "checkpoint" and not isinstance(value, list):
+            value = [value]
+        action = dests[dest]
+        if action.type is not None and not isinstance(value, (list, bool)):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                raise OtfxInputError(f"--config {path}: {key}={value!r} is not a valid --{key}") from None
+        if action.choices is not None and value not in action.choices:
+            raise OtfxInputError(f"--config {path}: {key}={value!r} is not one of {', '.join(action.choices)}")
+        setattr(args, dest, value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -742,6 +865,8 @@ def _run(args: argparse.Namespace) -> int:
         if not args.debug:
             warnings.showwarning = _one_line_warnings(args.command)
         try:
+            if getattr(args, "config", None):
+                _merge_config(args, args.subparser)
             with quiet_hf_progress():
                 return int(args.run(args) or 0)
         except BrokenPipeError:  # stdout closed early (| head): not an error

@@ -276,9 +276,17 @@ def test_sweep_with_stub(tmp_path, capsys, models, monkeypatch):
     assert "accuracy" in out and "best reg:" in out and "input" in out
     assert [c["reg"] for c in stub.calls] == [0.01, 0.1] and {c["solver"] for c in stub.calls} == {"sinkhorn_torch"}
     result = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
-    assert result["metric"] == "accuracy" and len(result["rows"]) == 2 and len(result["baselines"]) == 2
+    assert result["metric"] == "accuracy" and len(result["rows"]) == 2
+    assert set(result["baselines"]) == {str(models["vit_a"]), str(models["vit_b"]), "vanilla fusion", "ensemble"}
+    assert result["options"]["reg"] == [0.01, 0.1]  # what was swept, not the default
     assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "sweep" / "best" / "config.json").is_file()
+    best = json.loads((tmp_path / "sweep" / "best" / "report.json").read_text())
+    assert best["config"]["options"]["reg"] == result["best"]["reg"] and best["config"]["selected_by"]["eval"]
+    np.savez(tmp_path / "eval11.npz", x=rng.normal(size=(4, 3, 16, 16)).astype(np.float32), y=np.array([0, 1, 2, 11]))
+    code, _, err = run(capsys, "sweep", models["vit_a"], models["vit_b"], "--eval", tmp_path / "eval11.npz",
+                       "--regs", "0.1", "--out", tmp_path / "sweep11", "--quiet")
+    assert code == 2 and "labels range from 0 to 11 but the model has 10 classes" in err
 
 
 def test_sweep_mlm_loss_with_stub(tmp_path, capsys, models, monkeypatch):

@@ -432,3 +432,26 @@ def test_warnings_are_single_lines(capsys):
         warnings.showwarning = show
         warnings.warn("first line\nsecond line", UserWarning, stacklevel=1)
     assert capsys.readouterr().err == "otfx fuse: warning: first line\n"
+
+
+# ------------------------------------------------------------------------------------------ everyday use
+
+
+def test_config_file_with_flags_winning_and_dry_run(tmp_path, m, capsys):
+    config = tmp_path / "merge.yaml"
+    config.write_text(f"models: [{m / 'm/a'}, {m / 'm/b'}]\nout: {tmp_path / 'fused'}\nweights: [0.7, 0.3]\n"
+                      "options:\n  solver: sinkhorn\n  reg: 0.03\n")
+    code, out, err = run(capsys, "fuse", "--config", config, "--dry-run", "--quiet")
+    assert code == 0, err
+    assert "dry run: nothing fused, nothing written" in out and "weights=[0.7, 0.3]" in out and "reg=0.03" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yaml"]
+    code, _, err = run(capsys, "fuse", "--config", config, "--reg", "0.05", "--quiet")
+    assert code == 0, err
+    given = json.loads((tmp_path / "fused" / "report.json").read_text())["config"]["given"]
+    assert given == {"solver": "sinkhorn", "reg": 0.05, "weights": [0.7, 0.3]}
+    (tmp_path / "bad.yaml").write_text("models: [a, b]\nout: x\nbogus: 1\n")
+    code, _, err = run(capsys, "fuse", "--config", tmp_path / "bad.yaml")
+    assert code == 2 and "unknown key 'bogus'" in err
+    (tmp_path / "bad2.yaml").write_text("models: [a, b]\nout: x\nsolver: hungarian\n")
+    code, _, err = run(capsys, "fuse", "--config", tmp_path / "bad2.yaml")
+    assert code == 2 and "solver='hungarian' is not one of" in err
