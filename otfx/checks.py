@@ -295,3 +295,23 @@ def quiet_export(level: int = logging.ERROR) -> Iterator[None]:
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
+
+
+def check_traced_unchanged(traced) -> None:
+    """Refuse a traced model whose parameters were removed or reshaped since ``otfx.trace`` (a replaced layer):
+    the graph would describe another model. Values edited in place are fine (the trace aliases them)."""
+    model = getattr(traced, "model", None)
+    program = getattr(traced, "program", None)
+    if model is None or program is None:
+        return
+    current = dict(model.named_parameters(remove_duplicate=False))
+    state = program.state_dict
+    for fqn in traced.placeholder_to_param.values():
+        then = state.get(f"model.{fqn}", state.get(fqn))
+        now = current.get(fqn)
+        if now is None:
+            raise ModelInputError(f"{traced.name}: parameter {fqn} was traced but the model no longer has it; "
+                                  "trace the model again after changing it")
+        if then is not None and tuple(then.shape) != tuple(now.shape):
+            raise ModelInputError(f"{traced.name}: parameter {fqn} had shape {tuple(then.shape)} when traced and has "
+                                  f"{tuple(now.shape)} now; trace the model again after changing it")

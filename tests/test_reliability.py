@@ -455,3 +455,33 @@ def test_config_file_with_flags_winning_and_dry_run(tmp_path, m, capsys):
     (tmp_path / "bad2.yaml").write_text("models: [a, b]\nout: x\nsolver: hungarian\n")
     code, _, err = run(capsys, "fuse", "--config", tmp_path / "bad2.yaml")
     assert code == 2 and "solver='hungarian' is not one of" in err
+
+
+def test_disk_full_names_the_output_and_leaves_nothing(tmp_path, m, monkeypatch):
+    import errno
+
+    anchor = load_model(m / "m/a")
+    out = save_model(anchor, anchor.model, tmp_path / "out")
+    before = digest(out)
+
+    def full(tmp):
+        (tmp / "part").write_bytes(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "part"))
+
+    with pytest.raises(OtfxInputError, match=rf"cannot write {out}: the disk is full; nothing was written"):
+        save_model(anchor, anchor.model, out, overwrite=True, extras=full)
+    assert digest(out) == before and leftovers(tmp_path) == []  # the earlier output is unchanged
+
+
+def test_a_model_changed_after_tracing_is_refused():
+    from otfx.checks import check_traced_unchanged
+
+    model, x = zoo.build("matmul_encoder")
+    traced = otfx.trace(model, x, name="model A")
+    check_traced_unchanged(traced)
+    with torch.no_grad():
+        next(model.parameters()).mul_(2)  # edited in place: the trace still describes it
+    check_traced_unchanged(traced)
+    model.blocks[0].attn.q = nn.Linear(32, 64)
+    with pytest.raises(ModelInputError, match=r"model A: parameter blocks.0.attn.q.weight had shape \(32, 32\)"):
+        check_traced_unchanged(traced)

@@ -368,8 +368,11 @@ def write_marker(folder: Path, command: str | None = None) -> None:
 def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator:
     """Open a temporary file next to ``path``; on success it is fsynced and replaces ``path``, else removed."""
     target = real(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=TMP_SUFFIX, dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=TMP_SUFFIX, dir=target.parent)
+    except OSError as err:
+        raise _write_error(path, err) from err
     try:
         os.fchmod(fd, file_mode())
         with terminate_as_exception(), os.fdopen(fd, mode) as handle:
@@ -379,6 +382,9 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator:
         with _signals_deferred():
             os.replace(tmp, target)
         _fsync_path(target.parent, directory=True)
+    except OSError as err:
+        _remove(Path(tmp))
+        raise _write_error(path, err) from err
     except BaseException:
         _remove(Path(tmp))
         raise
@@ -414,9 +420,12 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable
     signal it is removed. ``out`` is checked with :func:`check_output_dir` before and again at the end."""
     inputs = list(inputs)
     target = check_output_dir(out, overwrite, inputs)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(target)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), suffix=TMP_SUFFIX, dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(target)
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target), suffix=TMP_SUFFIX, dir=target.parent))
+    except OSError as err:
+        raise _write_error(out, err) from err
     try:
         os.chmod(tmp, dir_mode())
         with terminate_as_exception():
@@ -438,6 +447,30 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, inputs: Iterable
         _fsync_path(target.parent, directory=True)
         if old is not None:
             _remove(old)
+    except (OSError, OutputWriteError) as err:  # a nested writer's error names our temporary: name ``out``
+        _remove(tmp)
+        raise _write_error(out, err) from err
     except BaseException:
         _remove(tmp)
         raise
+
+
+class OutputWriteError(OtfxInputError):
+    """Writing an output failed (disk full, read-only file system, no permission); nothing was left behind."""
+
+    def __init__(self, errno_: int, message: str):
+        super().__init__(message)
+        self.errno = errno_
+
+
+def _write_error(out, err: OSError | OutputWriteError) -> BaseException:
+    """Name the output the user gave, not our temporary path, and say that nothing was half-written."""
+    import errno
+
+    if err.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG):
+        return err
+    why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+           errno.EDQUOT: "the disk quota is exceeded", errno.EFBIG: "a file is too large for the file system"}
+    reason = why.get(err.errno, "permission denied")
+    return OutputWriteError(err.errno, f"cannot write {out}: {reason}; nothing was written (the temporary copy "
+                                       "was removed) and any earlier output there is unchanged")
