@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/common, how
 
 from common import runner as R  # noqa: E402
 from common.data import load_digits_split  # noqa: E402
+from common.train import evaluate_accuracy  # noqa: E402
 
 import otfx  # noqa: E402
 from otfx.align import config as _config  # noqa: E402
@@ -32,6 +33,7 @@ from otfx.align.repair import repair  # noqa: E402
 
 NAME = "06_quality"
 REGS = (0.02, 0.06, 0.12, 0.25, 0.5)
+UNIFORM = 1000.0  # a Sinkhorn reg at which every plan is uniform: the uninformative limit
 SAMPLES = 256  # unlabelled training images: activation costs and REPAIR's calibration set
 EXAMPLE_BATCH = 64
 if "correlation" not in _config.COSTS:  # until FusionConfig reads the cost registry
@@ -67,7 +69,14 @@ class Pair:
         self.traced = [otfx.trace(m, (split.x_train[:EXAMPLE_BATCH],)) for m in models]
         self.data = data
         self.val, self.test = R.accuracy_of(split, "val"), R.accuracy_of(split, "test")
+        self.x_test = split.x_test
+        self.predictions = [predictions(m, split.x_test) for m in models]
         self._aligned = None
+
+    def scores(self, model) -> dict:
+        """Test accuracy and the share of test predictions equal to the anchor's and to the other parent's."""
+        return {"test": self.test(model), "agree_anchor": evaluate_accuracy(model, self.x_test, self.predictions[0]),
+                "agree_other": evaluate_accuracy(model, self.x_test, self.predictions[1])}
 
     @property
     def aligned(self):
@@ -81,9 +90,9 @@ class Pair:
         data = self.data if options.get("cost", "weights") != "weights" else None
         return otfx.fuse(*self.traced, data=data, **solver, **options).eval()
 
-    def choose(self, options: dict, regs: Sequence = REGS) -> dict:
+    def choose(self, options: dict, regs: Sequence = REGS, keep: Sequence = ()) -> dict:
         """Fuse with each reg, without and with REPAIR (of the same fused model); for each, keep the reg that is
-        best on validation and report the test accuracy of that one only."""
+        best on validation and report the test accuracy of that one only (and of the regs in ``keep``)."""
         t0 = time.perf_counter()
         rows = {"plain": [], "repair": []}
         for reg in regs:
@@ -94,8 +103,9 @@ class Pair:
         out = {}
         for kind, tried in rows.items():
             best = max(tried, key=lambda r: r["val"])
-            out[kind] = {"reg": best["reg"], "val": best["val"], "test": self.test(best["model"]),
-                         "sweep": {str(r["reg"]): r["val"] for r in tried}}
+            out[kind] = {"reg": best["reg"], "val": best["val"], **self.scores(best["model"]),
+                         "sweep": {str(r["reg"]): r["val"] for r in tried},
+                         "kept": {str(r["reg"]): self.test(r["model"]) for r in tried if r["reg"] in keep}}
         out["seconds"] = time.perf_counter() - t0
         return out
 
@@ -105,8 +115,14 @@ class Pair:
         if with_repair:
             model = repair(model, model.otfx_aligned, self.data, args=self.traced[0].args,
                            aligned=model.otfx_aligned).eval()
-        return {"reg": "emd", "val": self.val(model), "test": self.test(model), "seconds": time.perf_counter() - t0,
+        return {"reg": "emd", "val": self.val(model), **self.scores(model), "seconds": time.perf_counter() - t0,
                 "sweeps": model.otfx_report["anchor_free"]["sweeps"] if hasattr(model, "otfx_report") else None}
+
+
+def predictions(model, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    with torch.no_grad():
+        outs = [model.eval()(pixel_values=x[i:i + batch]).logits.argmax(-1) for i in range(0, len(x), batch)]
+    return torch.cat(outs)
 
 
 RUNGS = ("paper: weights", "paper: activations", "+ fixed activations", "+ repair", "+ anchor-free")
@@ -115,6 +131,7 @@ RUNGS = ("paper: weights", "paper: activations", "+ fixed activations", "+ repai
 def ladder(pair: Pair) -> dict:
     provider()
     weights, acts, fixed = pair.choose(PAPER_W), pair.choose(PAPER_A), pair.choose(FIXED)
+    uniform = pair.choose(FIXED, (UNIFORM,))
     out = {
         "paper: weights": weights["plain"],
         "paper: activations": acts["plain"],
@@ -124,9 +141,12 @@ def ladder(pair: Pair) -> dict:
         "weights + repair": weights["repair"],
         "paper activations + repair": acts["repair"],
         "anchor-free, no repair": pair.anchor_free(False),
+        "uniform plans": uniform["plain"],
+        "uniform plans + repair": uniform["repair"],
     }
     for k, v in out.items():
-        print(f"  {k}: val {100 * v['val']:.2f} test {100 * v['test']:.2f} (reg {v['reg']})", flush=True)
+        print(f"  {k}: val {100 * v['val']:.2f} test {100 * v['test']:.2f} (reg {v['reg']}); agreement "
+              f"{100 * v['agree_anchor']:.1f} / {100 * v['agree_other']:.1f}", flush=True)
     return out
 
 
@@ -134,7 +154,7 @@ def diagnose(pair: Pair) -> dict:
     out = {}
     for name, (options, settings) in DIAGNOSIS.items():
         provider(**settings)
-        out[name] = pair.choose(options, ("emd", *REGS))
+        out[name] = pair.choose(options, ("emd", *REGS), keep=("emd",))
         print(f"  {name}: test {100 * out[name]['plain']['test']:.2f} / repaired "
               f"{100 * out[name]['repair']['test']:.2f}", flush=True)
     provider()
@@ -185,7 +205,17 @@ def page(results: dict, seeds: list[int]) -> str:
                          and "parents_test" in results[ds] for o in orders)]
     datasets = [ds for ds in results if isinstance(results[ds], dict) and "parents_test" in results[ds]]
     rows = []
-    for rung in (*RUNGS, "weights + repair", "paper activations + repair", "anchor-free, no repair"):
+    controls = ("weights + repair", "paper activations + repair", "anchor-free, no repair", "uniform plans",
+                "uniform plans + repair")
+    agree = []
+    for rung in (*RUNGS, *controls):
+        cells = []
+        for ds in datasets:
+            for o in orders:
+                r = results[ds][o][rung]
+                cells.append(f"{100 * r['agree_anchor']:.1f} / {100 * r['agree_other']:.1f}")
+        agree.append([rung, *cells])
+    for rung in (*RUNGS, *controls):
         cells = []
         for ds in datasets:
             mean_parent = sum(results[ds]["parents_test"]) / len(results[ds]["parents_test"])
@@ -201,6 +231,8 @@ def page(results: dict, seeds: list[int]) -> str:
                  f"on validation from {list(REGS)}; `emd`: hard maps). Parents seeds {seeds}, both anchor orders "
                  f"(anchor first). Activation costs and REPAIR read {SAMPLES} unlabelled training images.\n")
     parts.append(R.markdown_table(headers, rows))
+    parts.append("\nAgreement of the fused model's test predictions with the anchor's / the other parent's (%):\n")
+    parts.append(R.markdown_table(headers, agree))
     parts.append("\nReferences (test %):\n")
     parts.append(R.markdown_table(["dataset", "parents", "ensemble", "vanilla"], ref))
     parts.append("""
@@ -216,10 +248,13 @@ controls. REPAIR rows choose their reg on validation *with* REPAIR applied.
     diag = results.get("digits", {}).get("diagnosis")
     if diag:
         parts.append(f"\n## Diagnosis of the activations cost (digits, order {seeds})\n")
-        parts.append("Test accuracy at the reg (or EMD) chosen on validation, without and with REPAIR:\n")
-        drows = [[name, f"{100 * d['plain']['test']:.2f} ({d['plain']['reg']})",
+        parts.append("Test accuracy with hard maps (EMD) and at the Sinkhorn reg (or EMD) chosen on validation, "
+                     "without and with REPAIR:\n")
+        drows = [[name, R.fmt_acc(d["plain"]["kept"]["emd"]), R.fmt_acc(d["repair"]["kept"]["emd"]),
+                  f"{100 * d['plain']['test']:.2f} ({d['plain']['reg']})",
                   f"{100 * d['repair']['test']:.2f} ({d['repair']['reg']})"] for name, d in diag.items()]
-        parts.append(R.markdown_table(["variant", "one-shot", "with REPAIR"], drows))
+        parts.append(R.markdown_table(["variant", "EMD", "EMD + REPAIR", "best on val", "best on val + REPAIR"],
+                                      drows))
     return "\n".join(parts)
 
 
