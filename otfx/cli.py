@@ -165,7 +165,7 @@ def _parse_weights(text: str | None, n: int) -> list[float] | None:
     if len(weights) != n:
         raise OtfxInputError(f"--weights has {len(weights)} values for {n} models")
     if any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
-        raise OtfxInputError(f"--weights {text!r} must be non-negative with a positive sum")
+        raise OtfxInputError(f"--weights {text!r} must be finite and non-negative, with a positive sum")
     return weights
 
 
@@ -413,19 +413,24 @@ def _fused_onnx(fused: torch.nn.Module, example: tuple, out: Path, report: Fusio
 
 def _fuse_quietly(call: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """Run a fusion; the solver's per-map not-converged warnings become one line (report.json has each map)."""
-    from otfx.align.solvers import OTNotConvergedWarning
+    from otfx.align.solvers import OTFallbackWarning, OTNotConvergedWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fused = call()
     late = [w for w in caught if issubclass(w.category, OTNotConvergedWarning)]
+    fell = [w for w in caught if issubclass(w.category, OTFallbackWarning)]
     for w in caught:
-        if w not in late:
+        if w not in late and w not in fell:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if late:
         first = str(late[0].message).split("(max_iter", 1)[0].strip()
         warnings.warn(f"{len(late)} transport map(s) did not converge within --max-iter (first: {first}); their "
                       "plans were kept; raise --max-iter or --reg, or use --solver emd", UserWarning, stacklevel=2)
+    if fell:
+        first = str(fell[0].message)
+        warnings.warn(f"{len(fell)} transport map(s) needed a fallback solver (first: {first}); report.json lists "
+                      "the solver of each map", UserWarning, stacklevel=2)
     return fused
 
 

@@ -287,7 +287,7 @@ def test_cli_refuses_solver_options_and_missing_data_before_loading(tmp_path, ca
     for flags, message in ((["--reg", "inf"], "--reg must be a positive finite"),
                            (["--max-iter", "0"], "--max-iter must be at least 1"),
                            (["--cost", "activations"], "--cost activations needs --data"),
-                           (["--weights", "nan,1"], "must be non-negative")):
+                           (["--weights", "nan,1"], "must be finite and non-negative")):
         code, _, err = run(capsys, "fuse", missing, missing, "--out", tmp_path / "o", *flags)
         assert code == 2 and message in err and "no such file" not in err, (flags, err)
 

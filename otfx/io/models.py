@@ -328,7 +328,12 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors and pickle raise many types for corrupt files
-        raise OtfxInputError(f"cannot read checkpoint {path}: {_first_line(err)}") from None
+        why = _first_line(err)
+        if why.startswith("Weights only load failed"):  # torch's advice (weights_only=False) is unsafe: omit it
+            why = ("it is neither a safetensors file nor a torch.save state dict that loads without running code "
+                   "(a corrupt or truncated file, or a pickle of objects); re-save it with "
+                   "torch.save(model.state_dict(), path) or safetensors")
+        raise OtfxInputError(f"cannot read checkpoint {path}: {why}") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
