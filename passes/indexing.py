@@ -67,7 +67,7 @@ FIXING = [
     aten.zeros.default, aten.ones.default, aten.full.default, aten.empty.memory_format,
     aten.zeros_like.default, aten.ones_like.default, aten.full_like.default, aten.empty_like.default,
     aten.scalar_tensor.default, aten.any.default, aten.any.dim, aten.all.default, aten.all.dim,
-    aten.argmax.default, aten.argmin.default, aten.tril.default, aten.triu.default, aten.repeat.default,
+    aten.argmax.default, aten.argmin.default, aten.tril.default, aten.triu.default,
     aten.masked_select.default, aten.sort.default, aten.topk.default, aten.nonzero.default,
 ]
 

@@ -1,4 +1,5 @@
-"""Pattern: attention written as matmul(q, k^T) -> (scale, mask) -> softmax -> (dropout) -> matmul(., v).
+"""Pattern: attention written as matmul(q, k^T) -> (scale, mask) -> softmax -> (dropout) -> matmul(., v)
+(matmul, bmm or a two-operand einsum).
 
 Anchored at the softmax; the two matmuls are the ones the contraction pass recorded. Records one attention
 node (form ``matmul+softmax``) that owns both matmuls in the flow graph."""
@@ -27,7 +28,7 @@ def matmul_attention(ctx: InferContext, node: fx.Node) -> bool:
     src = skip_up(node.args[0], SCORE_OPS)
     if not isinstance(src, fx.Node) or src.name not in matmuls:
         return False
-    dst = downstream(node, lambda user, via: user.name in matmuls and user.args[0] is via)
+    dst = downstream(node, lambda user, via: user.name in matmuls and matmuls[user.name].info.get("a") == via.name)
     if dst is None:
         return False
     scores, mix = matmuls[src.name], matmuls[dst.name]

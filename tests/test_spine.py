@@ -184,3 +184,128 @@ def test_flow_graph_has_the_papers_nodes(arch):
         if data["kind"] == "residual":
             assert graph.in_degree(node) >= 2
     assert nx.has_path(graph, "input", "output")
+
+
+# ---- mechanisms beyond the zoo (issue 14): each built in the test, checked by symmetry and recovery ----------
+
+class _MechAttention(nn.Module):
+    """q from an einsum projection or a linear; kv heads optionally repeated (repeat_interleave)."""
+
+    def __init__(self, dim: int, heads: int, einsum: bool, kv_heads: int | None):
+        super().__init__()
+        self.heads, self.kv, self.einsum = heads, kv_heads or heads, einsum
+        kv_dim = dim // heads * self.kv
+        if einsum:
+            self.wq = nn.Parameter(torch.randn(dim, dim) / dim ** 0.5)
+        else:
+            self.q = nn.Linear(dim, dim)
+        self.k, self.v, self.o = nn.Linear(dim, kv_dim), nn.Linear(dim, kv_dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q = torch.einsum("bnd,ed->bne", x, self.wq) if self.einsum else self.q(x)
+        q = q.view(b, n, self.heads, -1).transpose(1, 2)
+        k, v = (p(x).view(b, n, self.kv, -1).transpose(1, 2) for p in (self.k, self.v))
+        if self.kv != self.heads:
+            k, v = (t.repeat_interleave(self.heads // self.kv, dim=1) for t in (k, v))
+        if self.einsum:
+            scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / q.shape[-1] ** 0.5
+            a = torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), v)
+        else:
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(a.transpose(1, 2).reshape(b, n, d))
+
+
+class _MechBlock(nn.Module):
+    def __init__(self, dim: int, inplace: bool, einsum: bool, kv_heads: int | None):
+        super().__init__()
+        self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = _MechAttention(dim, 4, einsum, kv_heads)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.w2 = nn.Parameter(torch.randn(2 * dim, dim) / (2 * dim) ** 0.5)
+        self.inplace, self.einsum = inplace, einsum
+
+    def forward(self, x):
+        if self.inplace:
+            x = x.clone()
+            x += self.attn(self.n1(x))
+        else:
+            x = x + self.attn(self.n1(x))
+        h = torch.nn.functional.gelu(self.fc1(self.n2(x)))
+        h = torch.einsum("bnm,md->bnd", h, self.w2) if self.einsum else h @ self.w2
+        return x.add_(h) if self.inplace else x + h
+
+
+class _MechNet(nn.Module):
+    """Token + position embeddings, two blocks with an optional pooling or repetition between them."""
+
+    def __init__(self, between: str = "", inplace: bool = False, einsum: bool = False, kv_heads: int | None = None):
+        super().__init__()
+        dim = 32
+        self.emb, self.pos = nn.Embedding(50, dim), nn.Parameter(torch.randn(1, 8, dim) * 0.1)
+        self.blocks = nn.ModuleList(_MechBlock(dim, inplace, einsum, kv_heads) for _ in range(2))
+        self.head, self.between = nn.Linear(dim, 5), between
+
+    def forward(self, ids):
+        x = self.blocks[0](self.emb(ids) + self.pos)
+        if self.between == "avg_pool":
+            x = torch.nn.functional.avg_pool1d(x.transpose(1, 2), 2).transpose(1, 2)
+        elif self.between == "repeat_interleave":
+            x = x.repeat_interleave(2, dim=1)
+        return self.head(self.blocks[1](x).mean(1))
+
+
+def _tiny_hf(name: str) -> nn.Module:
+    import transformers as tf
+
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=97,
+                 max_position_embeddings=40)
+    if name == "roberta_position_ids":  # position ids = cumsum of the padding mask; a one-row token-type table
+        return tf.RobertaForMaskedLM(tf.RobertaConfig(**small, type_vocab_size=1))
+    if name == "partial_rotary":
+        return tf.PhiForCausalLM(tf.PhiConfig(**small, partial_rotary_factor=0.5))
+    if name == "one_plus_w_rms_norm":
+        return tf.GemmaForCausalLM(tf.GemmaConfig(**small, num_key_value_heads=2, head_dim=8))
+    raise KeyError(name)
+
+
+MECHANISMS = {
+    "inplace_add": lambda: _MechNet(inplace=True),
+    "einsum": lambda: _MechNet(einsum=True),
+    "avg_pool": lambda: _MechNet("avg_pool"),
+    "repeat_interleave_tokens": lambda: _MechNet("repeat_interleave"),
+    "repeat_interleave_kv_heads": lambda: _MechNet(kv_heads=2),
+    "roberta_position_ids": lambda: _tiny_hf("roberta_position_ids"),
+    "partial_rotary": lambda: _tiny_hf("partial_rotary"),
+    "one_plus_w_rms_norm": lambda: _tiny_hf("one_plus_w_rms_norm"),
+}
+
+
+@pytest.mark.parametrize("mechanism", list(MECHANISMS))
+def test_mechanism_symmetry_and_recovery(mechanism):
+    torch.manual_seed(0)
+    model = MECHANISMS[mechanism]().eval()
+    ids = torch.randint(3, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    traced = otfx.trace(model, (ids,))
+    inference = otfx.analyse(traced)
+    assert inference.coverage() == {}, inference.coverage()
+    permuted = otfx.random_symmetry(traced, seed=1)
+    x = (torch.randint(3, 50, (3, 8), generator=torch.Generator().manual_seed(5)),)
+    torch.testing.assert_close(outputs(permuted, x), outputs(model, x), atol=1e-5, rtol=0)
+    state, moved = model.state_dict(), permuted.state_dict()
+    matrices = [k for k, v in state.items() if v.ndim == 2 and min(v.shape) > 1]
+    assert all(not torch.equal(moved[k], state[k]) for k in matrices), [k for k in matrices
+                                                                        if torch.equal(moved[k], state[k])]
+    fused = otfx.fuse(traced, otfx.trace(permuted, (ids,)), solver="emd")
+    for k, v in state.items():
+        torch.testing.assert_close(fused.state_dict()[k], v, atol=1e-5, rtol=0, msg=k)
+
+
+def test_partial_rotary_keeps_the_pass_through_dims_free():
+    model = _tiny_hf("partial_rotary").eval()
+    inference = otfx.analyse(model, (torch.randint(3, 50, (2, 8)),))
+    q_rows = inference.param_axes["model.layers.0.self_attn.q_proj.weight"][0]
+    leaves = inference.leaves(q_rows)
+    # q rows = heads (4) x head dim (8) = rotary halves (2 + 2, pinned by inv_freq) + pass-through dims (4, free)
+    assert [(inference.size(s), inference.is_fixed(s)) for s in leaves] == [(4, False), (2, True), (2, True),
+                                                                             (4, False)]
