@@ -485,3 +485,17 @@ def test_a_model_changed_after_tracing_is_refused():
     model.blocks[0].attn.q = nn.Linear(32, 64)
     with pytest.raises(ModelInputError, match=r"model A: parameter blocks.0.attn.q.weight had shape \(32, 32\)"):
         check_traced_unchanged(traced)
+
+
+def test_solver_warnings_are_one_line_per_kind(tmp_path, m, capsys):
+    code, _, err = run(capsys, "fuse", m / "m/a", m / "m/b", "--out", tmp_path / "o", "--max-iter", "2", "--quiet")
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "warning:" in line]
+    assert 1 <= len(lines) <= 2 and all(line.startswith("otfx fuse: warning: ") for line in lines), err
+    assert sum("did not converge" in line for line in lines) <= 1 and sum("fallback" in line for line in lines) <= 1
+
+
+def test_a_corrupt_checkpoint_is_named(tmp_path):
+    (tmp_path / "corrupt.pt").write_bytes(b"garbage")
+    with pytest.raises(OtfxInputError, match="cannot read checkpoint .*corrupt.pt: it is neither a safetensors"):
+        load_model("otfx.testing:matmul_encoder", tmp_path / "corrupt.pt")
