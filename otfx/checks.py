@@ -236,7 +236,8 @@ def _first_line(err: BaseException) -> str:
 _USER_CODE = re.compile(r'File "(?P<file>[^"\n]+)", line (?P<line>\d+), in (?P<fn>\w+)\n\s*(?P<code>[^\n]*)')
 
 
-def _own(err: BaseException, kind: type[BaseException]) -> BaseException | None:
+def own_error(err: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of ``kind`` in ``err``'s chain of causes (torch wraps errors raised in hooks)."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, kind):
@@ -249,7 +250,7 @@ def _own(err: BaseException, kind: type[BaseException]) -> BaseException | None:
 def explain_trace_error(err: BaseException) -> str | None:
     """A short explanation of a torch.export failure we recognise (None otherwise): an input check of ours, or
     Python control flow on the values of a tensor, with the user's line."""
-    ours = _own(err, ModelInputError)
+    ours = own_error(err, ModelInputError)
     if ours is not None:
         return str(ours)
     chain, seen = [], set()
@@ -290,7 +291,7 @@ def quiet_export(level: int = logging.ERROR) -> Iterator[None]:
     for lg in loggers:
         lg.setLevel(level)
     try:
-        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()):  # partial graphs are printed there; stdout is the user's
             yield
     finally:
         for lg, lv in zip(loggers, levels):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from otfx import checks
 from otfx.conventions import (
     OutputSelectionError,
     OutputSelector,
@@ -95,16 +96,21 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, nam
     name = name or type(model).__name__
     output = check_selector(output)
     kwargs = call_kwargs(model, kwargs)
+    checks.check_inputs(model, args, kwargs, name)  # meta tensors, devices, token ids: named, before export
     with eval_mode(model):  # the mode is baked into the export
         wrapper = _MainOutput(model, output, name)
         try:
-            program = torch.export.export(wrapper, args, kwargs, strict=False)
+            with checks.embedding_guards(model, name), checks.quiet_export():
+                program = torch.export.export(wrapper, args, kwargs, strict=False)
         except Exception as err:  # torch.export raises many types; all get the same advice
             if (chosen := _selection_error(err)) is not None:  # the fix is output=, not the export advice
                 raise chosen from None
+            if (ours := checks.own_error(err, checks.ModelInputError)) is not None:  # float ids into an embedding
+                raise ours from None
             reason = str(err).strip().splitlines()[0][:500] if str(err).strip() else type(err).__name__
+            reason = checks.explain_trace_error(err) or f"{type(err).__name__}: {reason}"  # a branch: its line
             raise TraceError(
-                f"torch.export could not trace {name}: {type(err).__name__}: {reason}\n"
+                f"torch.export could not trace {name}: {reason}\n"
                 "What to try: pass use_cache=False for decoder models, load Hugging Face models with "
                 "attn_implementation='eager', check that the example inputs run through model(*args, **kwargs), "
                 "and remove data-dependent Python control flow from forward()."
