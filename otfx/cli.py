@@ -282,6 +282,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     (loaded,) = _load_all(args, [args.model], console)
     target = check_output_file(out, args.overwrite, _input_paths([args.model], args, [loaded]), companions=(".data",))
     example = _examples(args, loaded)
+    if args.with_mask:
+        example = _with_mask(loaded, example)
     dry_run(loaded.model, example, name=loaded.name)
     console.say(f"exporting {loaded.name} to {out}")
     check = export_command(loaded.model, example, target, args.check)
@@ -290,6 +292,22 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(check)
         return 0 if check.passed or check.skipped else 1
     return 0
+
+
+def _with_mask(loaded: LoadedModel, example: tuple) -> tuple:
+    """Token ids plus an all-ones ``attention_mask`` (and zero ``token_type_ids`` where forward takes them next),
+    as positional inputs in the order of ``forward``'s parameters."""
+    ids = example[0]
+    if len(example) != 1 or ids.is_floating_point() or ids.ndim != 2:
+        raise OtfxInputError("--with-mask needs a model that takes one (batch, seq) tensor of token ids")
+    params = list(inspect.signature(loaded.model.forward).parameters)
+    if params[1:2] != ["attention_mask"]:
+        raise OtfxInputError(f"--with-mask: {type(loaded.model).__name__}.forward takes {params[:3]}; it needs "
+                             "(input_ids, attention_mask, ...) in that order")
+    extra = [torch.ones_like(ids)]
+    if params[2:3] == ["token_type_ids"]:
+        extra.append(torch.zeros_like(ids))
+    return (ids, *extra)
 
 
 def _fusion_setup(args: argparse.Namespace, verb: str):
@@ -703,6 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--out", required=True, metavar="FILE.onnx")
     p.add_argument("--check", action="store_true", help="compare onnxruntime with PyTorch on fresh inputs")
+    p.add_argument("--with-mask", action="store_true", help="token models: also export attention_mask (and "
+                   "token_type_ids where forward takes them) as graph inputs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _model_options(p)
     _common(p)

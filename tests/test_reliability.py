@@ -499,3 +499,16 @@ def test_a_corrupt_checkpoint_is_named(tmp_path):
     (tmp_path / "corrupt.pt").write_bytes(b"garbage")
     with pytest.raises(OtfxInputError, match="cannot read checkpoint .*corrupt.pt: it is neither a safetensors"):
         load_model("otfx.testing:matmul_encoder", tmp_path / "corrupt.pt")
+
+
+def test_export_with_mask_has_the_mask_inputs(tmp_path, m, capsys):
+    import onnx
+
+    code, out, err = run(capsys, "export", m / "m/a", "--out", tmp_path / "b.onnx", "--with-mask", "--check",
+                         "--quiet")
+    assert code == 0 and "ONNX check PASS" in out, err
+    names = [i.name for i in onnx.load(str(tmp_path / "b.onnx")).graph.input]
+    assert names == ["input_ids", "attention_mask", "token_type_ids"]
+    code, _, err = run(capsys, "export", "otfx.testing:matmul_encoder", "--input-shape", "2x8", "--input-dtype",
+                       "long", "--input-high", str(zoo.VOCAB), "--out", tmp_path / "e.onnx", "--with-mask", "--quiet")
+    assert code == 2 and "--with-mask" in err and not (tmp_path / "e.onnx").exists()
