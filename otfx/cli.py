@@ -235,7 +235,7 @@ def _input_paths(specs: list[str], args: argparse.Namespace, loaded: Sequence[Lo
     """Everything a command reads: model folders, checkpoints, data, and what loading found (never written)."""
     paths = [Path(s) for s in specs if Path(s).exists()]
     paths += [Path(c) for c in args.checkpoint or []]
-    for extra in ("data", "eval", "model_kwargs"):
+    for extra in ("data", "eval", "model_kwargs", "config"):
         value = getattr(args, extra, None)
         if value and not str(value).lstrip().startswith("{"):
             paths.append(Path(value))
@@ -368,7 +368,9 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     if "sharpness" in summary:
         print(f"maps: {summary['count']}, sharpness {summary['sharpness']['min']:.2f} to "
               f"{summary['sharpness']['max']:.2f}" + (f", at most {summary['iterations']['max']:.0f} solver iterations"
-                                                       if summary.get("iterations", {}).get("max") else ""))
+                                                       if summary.get("iterations", {}).get("max") else "")
+              + (f", {summary['not_converged']} not converged" if summary.get("not_converged") else "")
+              + (f", {summary['fallbacks']} fallbacks" if summary.get("fallbacks") else ""))
     onnx_check, status = None, 0
     if args.onnx:
         onnx_check, status = _fused_onnx(fused, example, Path(out), report)

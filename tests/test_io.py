@@ -285,3 +285,13 @@ def test_report_is_plain_json(tmp_path):
     summary = maps.to_dict()["space_summary"]
     assert summary["by_role"] == {"heads": 1} and summary["cost"]["max"] == 2.5 and summary["width"]["min"] == 4
     assert os.listdir(tmp_path / "r") == ["report.json"]
+
+
+def test_report_counts_unconverged_and_fallback_maps():
+    report = FusionReport()
+    report.add_fusion({"maps": [{"space": 1, "converged": True, "fallback": None, "iterations": 5},
+                                {"space": 2, "converged": False, "fallback": None, "iterations": 1000},
+                                {"space": 3, "converged": True, "fallback": "sinkhorn_torch", "iterations": 0}]})
+    summary = report.to_dict()["space_summary"]
+    assert summary["not_converged"] == 1 and summary["fallbacks"] == 1
+    assert "not_converged" not in FusionReport().to_dict()["space_summary"]  # older stats: no verdict claimed

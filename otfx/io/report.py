@@ -20,7 +20,8 @@ from otfx.io.output import atomic_file
 #: distributions whose versions go into every report
 PACKAGES = ("otfx", "torch", "transformers", "POT", "onnx", "onnxruntime", "timm", "numpy")
 #: per-space keys the fusion code gives (others are kept as they are)
-SPACE_KEYS = ("space", "kind", "width_anchor", "width_other", "method", "cost_range", "sharpness", "iterations")
+SPACE_KEYS = ("space", "kind", "width_anchor", "width_other", "method", "cost_range", "sharpness", "iterations",
+              "converged", "fallback", "marginal_error")
 
 
 def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
@@ -104,6 +105,10 @@ def summarise_spaces(spaces: list[dict]) -> dict:
         roles[role] = roles.get(role, 0) + 1
     if roles:
         summary["by_role"] = roles
+    if any("converged" in s for s in spaces):  # the solver's verdicts (PlanInfo.converged / .fallback)
+        summary["not_converged"] = sum(1 for s in spaces if s.get("converged") is False)
+    if any("fallback" in s for s in spaces):
+        summary["fallbacks"] = sum(1 for s in spaces if s.get("fallback"))
     for name, keys in (("width", ("width", "width_anchor")), ("sharpness", ("sharpness",)),
                        ("iterations", ("iterations",)), ("cost", ("cost_range", "cost_min", "cost_max"))):
         values = _numbers(spaces, *keys)
