@@ -512,3 +512,18 @@ def test_export_with_mask_has_the_mask_inputs(tmp_path, m, capsys):
     code, _, err = run(capsys, "export", "otfx.testing:matmul_encoder", "--input-shape", "2x8", "--input-dtype",
                        "long", "--input-high", str(zoo.VOCAB), "--out", tmp_path / "e.onnx", "--with-mask", "--quiet")
     assert code == 2 and "--with-mask" in err and not (tmp_path / "e.onnx").exists()
+
+
+def test_truncated_weights_and_corrupt_index_are_named(tmp_path, m, capsys):
+    import shutil
+
+    trunc, index = tmp_path / "trunc", tmp_path / "idx"
+    shutil.copytree(m / "m/a", trunc)
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    shutil.copytree(m / "m/a", index)
+    (index / "model.safetensors").rename(index / "model-00001-of-00001.safetensors")
+    (index / "model.safetensors.index.json").write_text('{"weight_map": {broken')
+    for folder in (trunc, index):
+        code, _, err = run(capsys, "inspect", folder, "--quiet")
+        assert code == 2 and f"cannot load BertForMaskedLM weights from {folder}" in err and "Traceback" not in err
