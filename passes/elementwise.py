@@ -1,4 +1,5 @@
-"""Element-wise ops: activations, dropout, casts and copies pass spaces through; binary ops broadcast.
+"""Element-wise ops: activations, comparisons, dropout, casts and copies pass spaces through; binary ops
+broadcast (a comparison of activations is a mask that moves with them).
 
 ``add``/``sub`` of two input-dependent tensors whose spaces differ is a residual node; ``mul`` (norm weights,
 SwiGLU gates) makes its operands one space.
@@ -27,6 +28,11 @@ UNARY = [
     aten.to.other, aten.type_as.default, aten.nan_to_num.default,
     aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
     aten.masked_fill.Scalar, aten.fill.Scalar,
+    aten.expm1.default, aten.log1p.default, aten.sign.default, aten.floor.default, aten.ceil.default,
+    aten.round.default, aten.trunc.default, aten.isnan.default, aten.isinf.default, aten.erfc.default,
+    aten.sinh.default, aten.cosh.default, aten.atan.default, aten.log2.default, aten.logical_not.default,
+    aten.bitwise_not.default, aten.ge.Scalar, aten.gt.Scalar, aten.le.Scalar, aten.lt.Scalar, aten.eq.Scalar,
+    aten.ne.Scalar, aten.remainder.Scalar, aten.floor_divide.Scalar, aten.fmod.Scalar,
 ]
 
 #: copies and casts: a parameter read through them is still that parameter
@@ -63,7 +69,10 @@ def add(ctx: InferContext, node: fx.Node) -> None:
 @register(aten.mul.Tensor, aten.div.Tensor, aten.where.self, aten.maximum.default, aten.minimum.default,
           aten.pow.Tensor_Tensor, aten.masked_fill.Tensor, aten.where.ScalarOther, aten.where.ScalarSelf,
           aten.add.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.sub.Scalar, aten.div.Tensor_mode,
-          aten.lerp.Scalar, aten.addcmul.default)
+          aten.lerp.Scalar, aten.addcmul.default, aten.ge.Tensor, aten.gt.Tensor, aten.le.Tensor, aten.lt.Tensor,
+          aten.eq.Tensor, aten.ne.Tensor, aten.__and__.Tensor, aten.__or__.Tensor, aten.bitwise_and.Tensor,
+          aten.bitwise_or.Tensor, aten.logical_and.default, aten.logical_or.default, aten.logical_xor.default,
+          aten.min.other, aten.max.other, aten.floor_divide.default, aten.remainder.Tensor, aten.fmod.Tensor)
 def multiply(ctx: InferContext, node: fx.Node) -> None:
     ctx.set_axes(node, broadcast(ctx, node, _tensors(node), None))
 

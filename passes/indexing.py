@@ -1,7 +1,8 @@
 """Slicing, tuple items, and the index and mask bookkeeping ops that never carry features.
 
 A slice that cuts an axis makes it a sum of the kept and dropped parts (rotary halves, position tables).
-Mask ops (arange, comparisons, cumsum, gather, ...) are understood but freeze every space they touch.
+Index ops (gather, index, topk, ...) are understood but freeze every space they touch; scans (cumsum,
+tril) freeze the axes they run along; creation ops (arange, zeros) make fixed positions.
 """
 
 from __future__ import annotations
@@ -57,17 +58,8 @@ def slice_(ctx: InferContext, node: fx.Node) -> None:
 
 
 FIXING = [
-    aten.arange.default, aten.arange.start, aten.arange.start_step,
-    aten.ge.Scalar, aten.ge.Tensor, aten.gt.Scalar, aten.gt.Tensor, aten.le.Scalar, aten.le.Tensor,
-    aten.lt.Scalar, aten.lt.Tensor, aten.eq.Scalar, aten.eq.Tensor, aten.ne.Scalar, aten.ne.Tensor,
-    aten.__and__.Tensor, aten.__or__.Tensor, aten.bitwise_and.Tensor, aten.bitwise_or.Tensor,
-    aten.bitwise_not.default, aten.logical_not.default, aten.logical_and.default, aten.logical_or.default,
-    aten.cumsum.default, aten.diff.default, aten.index.Tensor, aten.gather.default, aten.index_select.default,
-    aten.new_ones.default, aten.new_zeros.default, aten.new_full.default, aten.new_empty.default,
-    aten.zeros.default, aten.ones.default, aten.full.default, aten.empty.memory_format,
-    aten.zeros_like.default, aten.ones_like.default, aten.full_like.default, aten.empty_like.default,
-    aten.scalar_tensor.default, aten.any.default, aten.any.dim, aten.all.default, aten.all.dim,
-    aten.argmax.default, aten.argmin.default, aten.tril.default, aten.triu.default,
+    aten.diff.default, aten.index.Tensor, aten.gather.default, aten.index_select.default,
+    aten.any.default, aten.any.dim, aten.all.default, aten.all.dim, aten.argmax.default, aten.argmin.default,
     aten.masked_select.default, aten.sort.default, aten.topk.default, aten.nonzero.default,
 ]
 
@@ -75,3 +67,36 @@ FIXING = [
 @register(*FIXING)
 def fixing(ctx: InferContext, node: fx.Node) -> None:
     ctx.fix_node(node, f"index or mask op {node.target}", unknown=False)
+
+
+CREATION = [
+    aten.arange.default, aten.arange.start, aten.arange.start_step, aten.zeros.default, aten.ones.default,
+    aten.full.default, aten.empty.memory_format, aten.scalar_tensor.default, aten.new_ones.default,
+    aten.new_zeros.default, aten.new_full.default, aten.new_empty.default,
+]
+
+
+@register(*CREATION)
+def creation(ctx: InferContext, node: fx.Node) -> None:
+    """A tensor made from a shape (``x.new_zeros`` reads only x's dtype): fixed positions, touching nothing."""
+    ctx.set_axes(node, ctx.fresh_like(node.meta.get("val"), f"made by {node.target}"))
+
+
+@register(aten.zeros_like.default, aten.ones_like.default, aten.full_like.default, aten.empty_like.default)
+def constant_like(ctx: InferContext, node: fx.Node) -> None:
+    """A constant of x's shape: the same under every permutation, so its axes are new and unconstrained."""
+    ctx.set_axes(node, ctx.fresh_like(node.meta.get("val")))
+
+
+@register(aten.cumsum.default, aten.cumprod.default, aten.tril.default, aten.triu.default)
+def scan(ctx: InferContext, node: fx.Node) -> None:
+    """Order-dependent along some axes (cumsum's ``dim``; tril/triu's last two): those are fixed, the others
+    keep their spaces (a cumulative sum over a padding mask leaves the batch alone)."""
+    x = node.args[0]
+    axes = ctx.axes_of(x)
+    if node.target in (aten.tril.default, aten.triu.default):
+        ordered = {len(axes) - 2, len(axes) - 1}
+    else:
+        ordered = {dim_index(arg(node, 1, "dim"), len(axes))}
+    ctx.freeze(node, [axes[d] for d in ordered], f"order matters along this axis in {node.target}")
+    ctx.set_axes(node, list(axes))

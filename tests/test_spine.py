@@ -217,13 +217,13 @@ class _MechAttention(nn.Module):
 
 
 class _MechBlock(nn.Module):
-    def __init__(self, dim: int, inplace: bool, einsum: bool, kv_heads: int | None):
+    def __init__(self, dim: int, inplace: bool, einsum: bool, kv_heads: int | None, masked: bool):
         super().__init__()
         self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = _MechAttention(dim, 4, einsum, kv_heads)
         self.fc1 = nn.Linear(dim, 2 * dim)
         self.w2 = nn.Parameter(torch.randn(2 * dim, dim) / (2 * dim) ** 0.5)
-        self.inplace, self.einsum = inplace, einsum
+        self.inplace, self.einsum, self.masked = inplace, einsum, masked
 
     def forward(self, x):
         if self.inplace:
@@ -231,7 +231,11 @@ class _MechBlock(nn.Module):
             x += self.attn(self.n1(x))
         else:
             x = x + self.attn(self.n1(x))
-        h = torch.nn.functional.gelu(self.fc1(self.n2(x)))
+        h = self.fc1(self.n2(x))
+        if self.masked:  # a piecewise activation (xIELU-like): comparisons, where, min, expm1
+            h = torch.where(h > 0, h * h + h, torch.expm1(torch.min(h, torch.zeros_like(h))) - 0.5 * h)
+        else:
+            h = torch.nn.functional.gelu(h)
         h = torch.einsum("bnm,md->bnd", h, self.w2) if self.einsum else h @ self.w2
         return x.add_(h) if self.inplace else x + h
 
@@ -239,11 +243,12 @@ class _MechBlock(nn.Module):
 class _MechNet(nn.Module):
     """Token + position embeddings, two blocks with an optional pooling or repetition between them."""
 
-    def __init__(self, between: str = "", inplace: bool = False, einsum: bool = False, kv_heads: int | None = None):
+    def __init__(self, between: str = "", inplace: bool = False, einsum: bool = False, kv_heads: int | None = None,
+                 masked: bool = False):
         super().__init__()
         dim = 32
         self.emb, self.pos = nn.Embedding(50, dim), nn.Parameter(torch.randn(1, 8, dim) * 0.1)
-        self.blocks = nn.ModuleList(_MechBlock(dim, inplace, einsum, kv_heads) for _ in range(2))
+        self.blocks = nn.ModuleList(_MechBlock(dim, inplace, einsum, kv_heads, masked) for _ in range(2))
         self.head, self.between = nn.Linear(dim, 5), between
 
     def forward(self, ids):
@@ -275,6 +280,7 @@ MECHANISMS = {
     "avg_pool": lambda: _MechNet("avg_pool"),
     "repeat_interleave_tokens": lambda: _MechNet("repeat_interleave"),
     "repeat_interleave_kv_heads": lambda: _MechNet(kv_heads=2),
+    "masked_activation": lambda: _MechNet(masked=True),
     "roberta_position_ids": lambda: _tiny_hf("roberta_position_ids"),
     "partial_rotary": lambda: _tiny_hf("partial_rotary"),
     "one_plus_w_rms_norm": lambda: _tiny_hf("one_plus_w_rms_norm"),

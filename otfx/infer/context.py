@@ -167,6 +167,13 @@ class InferContext:
                **info) -> None:
         self.records.append(Record(RecordKind.parse(kind), node.name, inputs, output, info))
 
+    def freeze(self, node: fx.Node, spaces: list[int], reason: str) -> None:
+        """Fix some spaces a known op depends on the order of (reported by ``coverage`` where they act on
+        parameters)."""
+        for sid in spaces:
+            self.spaces.fix(sid, reason)
+        self.frozen_by.append(Frozen(str(node.target), node.name, False, list(spaces)))
+
     def fix_node(self, node: fx.Node, reason: str, *, unknown: bool) -> None:
         """Make every space that this node reads or writes fixed (used for ops no pass understands)."""
         touched = [sid for a in _tensor_args(node) for sid in self.axes_of(a) or []]
