@@ -84,15 +84,17 @@ def check_finite_params(model, name: str | None = None, *, buffers: bool = True,
                     "parameter it is aligned or averaged with; fix or re-train the model")
 
 
-def check_finite_output(model, args: tuple, kwargs: dict | None = None, name: str | None = None) -> None:
-    """Run ``model`` on ``args`` (eval mode, no grad) and raise NonFiniteError if its main output has NaN or
-    inf values; the message names non-finite parameters when there are any."""
+def check_finite_output(model, args: tuple, kwargs: dict | None = None, name: str | None = None,
+                        output=None) -> None:
+    """Run ``model`` on ``args`` (eval mode, no grad) and raise NonFiniteError if its main output (chosen by
+    ``output``, see ``otfx.conventions.main_output``) has NaN or inf values; non-finite parameters are named
+    first."""
     from otfx.trace import eval_mode, main_output
 
     module, label = _module(model), _label(model, name)
     check_finite_params(module, label, error=NonFiniteError)
     with torch.no_grad(), eval_mode(module):
-        out = main_output(module(*args, **(kwargs or {})))
+        out = main_output(module(*args, **(kwargs or {})), output, name=label)
     if out.is_floating_point() and not bool(torch.isfinite(out).all()):
         n_nan, n_inf = int(torch.isnan(out).sum()), int(torch.isinf(out).sum())
         raise NonFiniteError(f"{label}: its output {tuple(out.shape)} has {n_nan} NaN and {n_inf} inf values on the "
@@ -135,6 +137,16 @@ def check_inputs(model, args: tuple = (), kwargs: dict | None = None, name: str 
     ids = kwargs.get("input_ids") if kwargs and "input_ids" in kwargs else args[0] if args else None
     if embed is not None and isinstance(ids, torch.Tensor):
         _check_ids(ids, embed[0], embed[1], label)
+
+
+def check_meta(model, args: tuple = (), kwargs: dict | None = None, name: str | None = None) -> None:
+    """For a shapes-only trace: every tensor of the model and of its inputs is on the meta device."""
+    module, label = _module(model), _label(model, name)
+    named = [(f"input {i}", x) for i, x in enumerate(args)] + [(f"input {k!r}", x) for k, x in (kwargs or {}).items()]
+    for where, t in [(f"{kind} {fqn}", t) for kind, fqn, t in _tensors(module)] + named:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            raise ModelInputError(f"{label}: {where} is on {t.device}; a meta trace needs every tensor on the meta "
+                                  "device (build the model under `with torch.device('meta')`)")
 
 
 def _input_embedding(module: nn.Module) -> tuple[str, nn.Embedding] | None:

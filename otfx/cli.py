@@ -23,8 +23,8 @@ import torch
 import otfx
 from otfx.checks import (
     ModelInputError,
-    NonFiniteError,
     NonFiniteParameterError,
+    check_finite_output,
     check_finite_params,
     dry_run,
     embedding_guards,
@@ -344,7 +344,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     console.say(f"fusing {n} x {type(loaded[anchor].model).__name__} (anchor {anchor}: {loaded[anchor].source})")
     with report.stage("fuse"):
         fused = _fuse_quietly(lambda: _call_fuse(fuse, traced, anchor, options, data))
-    check_finite_params(fused, "the fused model", error=NonFiniteError)
+    check_finite_output(fused, example, name="the fused model", output=getattr(traced[anchor], "output", None))
     report.config = {"options": _effective_options(fuse, options), "given": options, "anchor": anchor,
                      "data": args.data, "inputs": [list(t.shape) for t in example],
                      "input_dtypes": [str(t.dtype) for t in example]}

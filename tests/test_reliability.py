@@ -527,3 +527,18 @@ def test_truncated_weights_and_corrupt_index_are_named(tmp_path, m, capsys):
     for folder in (trunc, index):
         code, _, err = run(capsys, "inspect", folder, "--quiet")
         assert code == 2 and f"cannot load BertForMaskedLM weights from {folder}" in err and "Traceback" not in err
+
+
+def test_a_non_finite_fused_model_is_not_saved(tmp_path, m, capsys, monkeypatch):
+    import copy
+
+    def nan_fuse(*models, **options):
+        fused = copy.deepcopy(models[0].model)
+        with torch.no_grad():
+            fused.cls.predictions.bias.fill_(float("nan"))
+        return fused
+
+    monkeypatch.setattr(otfx, "fuse", nan_fuse)
+    code, _, err = run(capsys, "fuse", m / "m/a", m / "m/b", "--out", tmp_path / "o", "--quiet")
+    assert code == 1 and "the fused model: parameter cls.predictions.bias" in err and "NaN" in err
+    assert list(tmp_path.iterdir()) == []
