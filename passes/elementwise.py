@@ -32,7 +32,7 @@ UNARY = [
     aten.round.default, aten.trunc.default, aten.isnan.default, aten.isinf.default, aten.erfc.default,
     aten.sinh.default, aten.cosh.default, aten.atan.default, aten.log2.default, aten.logical_not.default,
     aten.bitwise_not.default, aten.ge.Scalar, aten.gt.Scalar, aten.le.Scalar, aten.lt.Scalar, aten.eq.Scalar,
-    aten.ne.Scalar, aten.remainder.Scalar, aten.floor_divide.Scalar, aten.fmod.Scalar,
+    aten.ne.Scalar, aten.remainder.Scalar, aten.floor_divide.Scalar, aten.fmod.Scalar, aten.rsub.Scalar,
 ]
 
 #: copies and casts: a parameter read through them is still that parameter

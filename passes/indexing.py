@@ -100,3 +100,34 @@ def scan(ctx: InferContext, node: fx.Node) -> None:
         ordered = {dim_index(arg(node, 1, "dim"), len(axes))}
     ctx.freeze(node, [axes[d] for d in ordered], f"order matters along this axis in {node.target}")
     ctx.set_axes(node, list(axes))
+
+
+@register(aten.pad.default, aten.constant_pad_nd.default)
+def pad(ctx: InferContext, node: fx.Node) -> None:
+    """Padding (last axis first, as F.pad): a padded axis is the sum of new fixed pads and the original."""
+    x, widths = node.args[:2]
+    axes = ctx.axes_of(x)
+    mode = arg(node, 2, "mode", "constant")
+    if axes is None or mode not in ("constant", None) or any(w < 0 for w in widths):
+        ctx.fix_node(node, f"padding in {mode} mode", unknown=False)
+        return
+    out = list(axes)
+    for i in range(len(widths) // 2):
+        d = len(axes) - 1 - i
+        lo, hi = widths[2 * i], widths[2 * i + 1]
+        if lo or hi:
+            parts = [ctx.spaces.new(n, "padding") for n in (lo,) if n] + [axes[d]] + [
+                ctx.spaces.new(n, "padding") for n in (hi,) if n]
+            out[d] = ctx.spaces.direct_sum(parts)
+    ctx.set_axes(node, out)
+
+
+@register(aten.roll.default, aten.flip.default)
+def roll(ctx: InferContext, node: fx.Node) -> None:
+    """Rolling or flipping along some axes (shifted windows): those axes are positions, the others pass."""
+    x = node.args[0]
+    axes = ctx.axes_of(x)
+    dims = arg(node, 2 if node.target == aten.roll.default else 1, "dims", [])
+    dims = [dims] if isinstance(dims, int) else list(dims) or list(range(len(axes)))
+    ctx.freeze(node, [axes[dim_index(d, len(axes))] for d in dims], f"order matters along this axis in {node.target}")
+    ctx.set_axes(node, list(axes))

@@ -56,6 +56,7 @@ class Conflict(NamedTuple):
     op: str
     node: str
     why: str
+    spaces: list[int] = []
 
 
 @dataclass

@@ -121,7 +121,7 @@ class Inference:
     # ---- reporting -----------------------------------------------------------------------------------
     def coverage(self) -> dict[str, dict]:
         """Ops that no pass understands, known ops that froze spaces acting on parameters, and ops where
-        structures conflicted (their spaces are fixed too).
+        structures of parameter spaces conflicted (those spaces are fixed too).
 
         ``{op: {"nodes": [...], "unknown": bool, "params": ["name axis k", ...], "conflicts": [why, ...]}}``;
         harmless mask bookkeeping (known ops that touch no parameter space) is left out.
@@ -144,8 +144,13 @@ class Inference:
             found = entry(op, unknown)
             found["nodes"].append(node)
             found["params"] = sorted(set(found["params"]) | set(params))
-        for op, node, why in self.conflicts:
+        for op, node, why, spaces in self.conflicts:  # conflicts among positions only are harmless
+            params = sorted({p for sid in spaces for leaf in [sid, *self.leaves(sid)]
+                             for p in by_space.get(self.coarse(leaf), [])})
+            if not params:
+                continue
             found = entry(op, False)
+            found["params"] = sorted(set(found["params"]) | set(params))
             if node and node not in found["nodes"]:
                 found["nodes"].append(node)
             if why not in found["conflicts"]:

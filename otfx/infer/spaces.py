@@ -25,6 +25,8 @@ class Partition:
     structure: dict[int, tuple[str, list[int]]] = field(default_factory=dict)
     fixed: dict[int, list[str]] = field(default_factory=dict)
     conflicts: list[str] = field(default_factory=list)
+    #: the spaces involved in each conflict (parallel to ``conflicts``)
+    conflict_spaces: list[list[int]] = field(default_factory=list)
 
     def add(self, size: int) -> int:
         self.parent.append(len(self.parent))
@@ -56,6 +58,7 @@ class Partition:
             return ra
         if self.size[ra] != self.size[rb]:
             self.conflicts.append(f"size mismatch {self.size[ra]} vs {self.size[rb]}")
+            self.conflict_spaces.append([ra, rb])
             self.fix(ra, "axes of different sizes meet")
             self.fix(rb, "axes of different sizes meet")
             return ra
@@ -103,6 +106,7 @@ class Partition:
 
     def _conflict(self, root: int, why: str, involved: list[int]) -> None:
         self.conflicts.append(why)
+        self.conflict_spaces.append([root, *involved])
         self.fix(root, why)
         for c in involved:
             self.fix(c, why)

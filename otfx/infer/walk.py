@@ -28,10 +28,17 @@ def _run(ctx: InferContext, handler, node: fx.Node, what: str):
         name = f"{getattr(handler, '__module__', '?')}.{getattr(handler, '__qualname__', handler)}"
         raise PassError(f"{what} {name} failed on node {node.name!r} (op {target_name(node.target)}"
                         f"{_where(node)}): {type(exc).__name__}: {exc}") from exc
-    new = ctx.spaces.coarse.conflicts[conflicts[0]:] + ctx.spaces.fine.conflicts[conflicts[1]:]
-    for why in dict.fromkeys(new):
-        ctx.conflicts.append(Conflict(target_name(node.target), node.name, why))
+    _attribute(ctx, conflicts, target_name(node.target), node.name)
     return result
+
+
+def _attribute(ctx: InferContext, since: tuple[int, int], op: str, node: str) -> None:
+    """Record the conflicts that appeared since ``since`` (counts in the coarse and fine partitions) at ``op``."""
+    found: dict[str, set[int]] = {}
+    for part, start in ((ctx.spaces.coarse, since[0]), (ctx.spaces.fine, since[1])):
+        for why, spaces in zip(part.conflicts[start:], part.conflict_spaces[start:]):
+            found.setdefault(why, set()).update(spaces)
+    ctx.conflicts += [Conflict(op, node, why, sorted(spaces)) for why, spaces in found.items()]
 
 
 def _placeholder(ctx: InferContext, traced: Traced, node: fx.Node) -> None:
@@ -145,6 +152,5 @@ def infer(traced: Traced, registry: Registry | None = None) -> Inference:
     _tie(ctx, traced)
     before = len(ctx.spaces.coarse.conflicts), len(ctx.spaces.fine.conflicts)
     ctx.spaces.close()
-    closing = ctx.spaces.coarse.conflicts[before[0]:] + ctx.spaces.fine.conflicts[before[1]:]
-    ctx.conflicts += [Conflict("closure", "", why) for why in dict.fromkeys(closing)]
+    _attribute(ctx, before, "closure", "")
     return Inference.build(traced, ctx)
