@@ -214,7 +214,7 @@ def fuse_checkpoints(anchor: str | Path, other: str | Path, out: str | Path, *, 
     """Fuse two HF checkpoint folders into ``out`` by streaming (``otfx.fuse``'s weights-based fusion, the same
     numbers: the result equals ``fuse`` on the loaded models bit for bit). ``options``: those of ``fuse``."""
     config = FusionConfig(weights=tuple(weights) if weights is not None else None, **options)
-    if config.cost != "weights" or config.residual.startswith("weighted"):
+    if config.needs_data():
         raise FusionError("streaming fusion reads no activations: use cost='weights' and a residual policy other "
                           "than the weighted ones, or fuse the loaded models with otfx.fuse")
     config.validate(2, has_data=False)
@@ -223,7 +223,8 @@ def fuse_checkpoints(anchor: str | Path, other: str | Path, out: str | Path, *, 
     readers = [Checkpoint(anchor), Checkpoint(other)]
     models = [meta_model(anchor), meta_model(other)]
     args = example_inputs or _example(models[0])
-    inferences = [analyse(trace(m, args, name=f"{Path(f).name} (meta)")) for m, f in zip(models, (anchor, other))]
+    inferences = [analyse(trace(m, args, name=f"{Path(f).name} (meta)", meta=True))
+                  for m, f in zip(models, (anchor, other))]
     check_same_architecture(*inferences)
     for reader, model in zip(readers, models):
         reader.resolve_tied(tied_groups(model))

@@ -76,13 +76,14 @@ class Traced:
 
 
 def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, name: str | None = None,
-          output: OutputSelector = None) -> Traced:
+          output: OutputSelector = None, meta: bool = False) -> Traced:
     """Trace ``model`` on example inputs with ``torch.export`` (non-strict) in eval mode.
 
     ``output`` says which tensor of the model's output is the main one (a key or attribute name, an index or
     a callable; see :func:`otfx.conventions.main_output`); by default a known field (``logits``...) or the only
     non-scalar tensor, and several candidates are an error naming them. The model is not modified: it is put
-    in eval mode only while it is exported, then every flag is restored.
+    in eval mode only while it is exported, then every flag is restored. ``meta=True``: a model and inputs on
+    the meta device, traced for their shapes only (streaming fusion reads the values from disk).
     """
     if isinstance(model, Traced):
         if output is not None and output != model.output:  # the graph's output was chosen when it was traced
@@ -96,7 +97,10 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, nam
     name = name or type(model).__name__
     output = check_selector(output)
     kwargs = call_kwargs(model, kwargs)
-    checks.check_inputs(model, args, kwargs, name)  # meta tensors, devices, token ids: named, before export
+    if meta:
+        checks.check_meta(model, args, kwargs, name)
+    else:
+        checks.check_inputs(model, args, kwargs, name)  # meta tensors, devices, token ids: named, before export
     with eval_mode(model):  # the mode is baked into the export
         wrapper = _MainOutput(model, output, name)
         try:

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-COSTS = ("weights", "activations")
-RESIDUAL = ("mean", "weighted_scalar", "weighted_matrix", "shared")
 HEADS = ("cross", "aware")
 QK = ("untied", "tied")
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of each named option, from the registries (costs, solvers, residual combiners): what
+    ``validate`` accepts and what the CLI offers."""
+    from otfx.align.combiners import COMBINERS
+    from otfx.align.costs import cost_names
+    from otfx.align.solvers import SOLVERS
+
+    return {"cost": cost_names(), "solver": tuple(sorted(SOLVERS)), "residual": tuple(COMBINERS), "heads": HEADS,
+            "qk": QK}
 
 
 class FusionError(ValueError):
@@ -32,8 +41,6 @@ class FusionConfig:
         import math
         import numbers
 
-        from otfx.align.solvers import SOLVERS
-
         def finite_non_negative(w) -> bool:  # a Python, numpy or 0-d torch scalar, finite and >= 0
             if isinstance(w, (bool, str)):
                 return False
@@ -43,12 +50,9 @@ class FusionConfig:
                 return False
             return math.isfinite(value) and value >= 0
 
-        for name, value, allowed in (("cost", self.cost, COSTS), ("residual", self.residual, RESIDUAL),
-                                     ("heads", self.heads, HEADS), ("qk", self.qk, QK)):
-            if value not in allowed:
-                raise FusionError(f"{name}={value!r} is not one of {', '.join(allowed)}")
-        if self.solver not in SOLVERS:
-            raise FusionError(f"solver={self.solver!r} is not one of {', '.join(sorted(SOLVERS))}")
+        for name, allowed in choices().items():
+            if getattr(self, name) not in allowed:
+                raise FusionError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if isinstance(self.reg, bool) or not isinstance(self.reg, numbers.Real) or not (
                 math.isfinite(self.reg) and self.reg > 0):
             raise FusionError(f"reg must be a positive finite number, got {self.reg!r}")
@@ -56,9 +60,8 @@ class FusionConfig:
             raise FusionError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
         if n_models < 2:
             raise FusionError(f"fusion needs at least two models, got {n_models}")
-        needs_data = self.cost == "activations" or self.residual.startswith("weighted")
-        if needs_data and not has_data:
-            what = "cost='activations'" if self.cost == "activations" else f"residual={self.residual!r}"
+        if self.needs_data() and not has_data:
+            what = f"cost={self.cost!r}" if self.cost_needs_data() else f"residual={self.residual!r}"
             raise FusionError(f"{what} needs data: pass data=[batch, ...] with inputs shaped like the example args")
         if self.weights is not None:
             if len(self.weights) != n_models:
@@ -70,6 +73,21 @@ class FusionConfig:
             if sum(self.weights) <= 0:
                 raise FusionError(f"weights must have a positive sum, got {list(self.weights)}")
         token_filter(self.tokens)
+
+    def cost_needs_data(self) -> bool:
+        from otfx.align.costs import COSTS, cost_names
+
+        if self.cost not in cost_names():
+            return False
+        provider = COSTS[self.cost]
+        return bool(getattr(provider, "needs_data", not provider.reads_rows))
+
+    def needs_data(self) -> bool:
+        """Whether this configuration reads activations (its cost provider or its residual combiner)."""
+        from otfx.align.combiners import COMBINERS
+
+        combiner = COMBINERS.get(self.residual)
+        return self.cost_needs_data() or bool(getattr(combiner, "needs_magnitudes", False))
 
     def model_weights(self, n_models: int) -> list[float]:
         weights = self.weights or tuple([1.0] * n_models)

@@ -58,6 +58,8 @@ def _check_heads(anchor: Inference, other: Inference) -> None:
             continue
         dim_a = anchor.size(ra.inputs[0]) if ra.inputs else "?"
         dim_b = other.size(rb.inputs[0]) if rb.inputs else "?"
+        if heads_a and heads_b and dim_a != "?" and heads_a[0] * dim_a != heads_b[0] * dim_b:
+            continue  # different widths: heterogeneous fusion maps heads to heads, nothing is mistaken for another
         gqa = len(set(heads_a)) > 1 or len(set(heads_b)) > 1  # grouped-query: fewer key/value heads
         kv = f" ({heads_b[1]} vs {heads_a[1]} key/value heads)" if gqa and heads_a[1:2] != heads_b[1:2] else ""
         raise FusionError(f"attention {i} (node {ra.node}) has {heads_b[0] if heads_b else '?'} heads of width "

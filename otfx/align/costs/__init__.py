@@ -10,6 +10,8 @@ needs collected (empty for a weights-only provider).
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -43,13 +45,17 @@ def register_cost(name: str):
     return deco
 
 
-def cost_provider(name: str) -> CostProvider:
-    from otfx.align.costs import activations, weights  # noqa: F401 - the built-in providers register themselves
+def _load_builtin() -> None:
+    """Import every module of this package: the built-in providers register themselves."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
 
+
+def cost_provider(name: str) -> CostProvider:
+    _load_builtin()
     return COSTS[name]()
 
 
 def cost_names() -> tuple[str, ...]:
-    from otfx.align.costs import activations, weights  # noqa: F401
-
+    _load_builtin()
     return tuple(COSTS)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 @register_cost("activations")
 class ActivationsCost:
+    needs_data = True
     reads_rows = False
 
     def wanted(self, maps: TransportMaps, roots: list[int]) -> list[tuple[str, tuple[int, ...]]]:

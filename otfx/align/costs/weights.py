@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 @register_cost("weights")
 class WeightsCost:
+    needs_data = False
     reads_rows = True
 
     def wanted(self, maps: TransportMaps, roots: list[int]) -> list[tuple[str, tuple[int, ...]]]:
