@@ -53,7 +53,7 @@ def make_pair(shape: dict, work: Path, noise: float, shard: str) -> None:
     model.save_pretrained(work / "a", max_shard_size=shard)
     del model
     meta = meta_model(work / "a")
-    inference = otfx.analyse(otfx.trace(meta, (torch.zeros(1, 8, dtype=torch.long, device="meta"),)))
+    inference = otfx.analyse(otfx.trace(meta, (torch.zeros(1, 8, dtype=torch.long, device="meta"),), meta=True))
     perms = space_permutations(inference, seed=1)
     index_file = work / "a" / INDEX
     index = json.loads(index_file.read_text())["weight_map"] if index_file.is_file() else {"": "model.safetensors"}
