@@ -39,7 +39,7 @@ def _check_inputs(inferences: list[Inference]) -> None:
         check_same_architecture(anchor, other)
         try:
             with torch.no_grad(), eval_mode(other.traced.model) as model:
-                main_output(model(*anchor.traced.args, **anchor.traced.kwargs))
+                other.traced.main_output(model(*anchor.traced.args, **anchor.traced.kwargs))
         except Exception as err:  # noqa: BLE001 - any failure means the anchor's inputs do not fit
             raise FusionError(f"the anchor's example inputs do not fit {other.traced.name}: {err}") from err
 
@@ -188,13 +188,16 @@ def vanilla_fuse(*models, args: tuple | None = None, kwargs: dict | None = None,
 class Ensemble(nn.Module):
     """Averages the main outputs of several models (the other baseline)."""
 
-    def __init__(self, models: list[nn.Module], weights: list[float]):
+    def __init__(self, models: list[nn.Module], weights: list[float], outputs: list | None = None):
+        """``outputs``: each member's output selector (see ``otfx.trace``), None for the default choice."""
         super().__init__()
         self.members = nn.ModuleList(models)
         self.weights = weights
+        self.outputs = outputs or [None] * len(models)
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
-        return sum(w * main_output(m(*args, **kwargs)) for w, m in zip(self.weights, self.members))
+        return sum(w * main_output(m(*args, **kwargs), output)
+                   for w, m, output in zip(self.weights, self.members, self.outputs))
 
 
 def ensemble(*models, weights=None) -> nn.Module:
@@ -203,4 +206,6 @@ def ensemble(*models, weights=None) -> nn.Module:
                for m in models]
     config = FusionConfig(weights=tuple(weights) if weights is not None else None)
     config.validate(len(models), False)
-    return Ensemble([copy.deepcopy(m) for m in modules], config.model_weights(len(models)))
+    outputs = [m.output if isinstance(m, Traced) else m.traced.output if isinstance(m, Inference) else None
+               for m in models]
+    return Ensemble([copy.deepcopy(m) for m in modules], config.model_weights(len(models)), outputs)
