@@ -263,6 +263,7 @@ statistics targets; **+ anchor-free** = `otfx.align.barycentre.anchor_free_fuse`
 hard maps) then REPAIR; **weights + repair**, **paper activations + repair** and **anchor-free, no repair** are
 controls. REPAIR rows choose their reg on validation *with* REPAIR applied.
 """)
+    parts.append(findings(results, datasets, orders))
     diag = results.get("digits", {}).get("diagnosis")
     if diag:
         parts.append(f"\n## Diagnosis of the activations cost (digits, order {seeds})\n")
@@ -274,6 +275,36 @@ controls. REPAIR rows choose their reg on validation *with* REPAIR applied.
         parts.append(R.markdown_table(["variant", "EMD", "EMD + REPAIR", "best on val", "best on val + REPAIR"],
                                       drows))
     return "\n".join(parts)
+
+
+def findings(results: dict, datasets: list[str], orders: list[str]) -> str:
+    """What the tables say, computed from them (so the text stays true when the numbers change)."""
+    lines = ["\n## Findings (computed from the tables above)\n"]
+
+    def t(ds: str, o: str, rung: str) -> float:
+        return 100 * results[ds][o][rung]["test"]
+
+    for ds in datasets:
+        mean_parent = 100 * sum(results[ds]["parents_test"]) / len(results[ds]["parents_test"])
+        first = results[ds][orders[0]]
+        for rung, other in (("+ fixed activations", "paper: weights"), ("+ repair", "weights + repair")):
+            if rung in first and other in first:
+                wins = [t(ds, o, rung) >= t(ds, o, other) for o in orders]
+                lines.append(f"- {ds}: `{rung}` >= `{other}` in {sum(wins)} of {len(orders)} anchor orders ("
+                             + ", ".join(f"{t(ds, o, rung):.2f} vs {t(ds, o, other):.2f}" for o in orders) + ").")
+        for rung in ("paper: weights", "+ repair", "weights + repair", "+ anchor-free"):
+            if rung in first:
+                values = [t(ds, o, rung) for o in orders]
+                keeps = ", ".join(f"{v / mean_parent * 100:.0f}%" for v in values)
+                lines.append(f"- {ds}: `{rung}` spread over anchor orders {max(values) - min(values):.2f} points; "
+                             f"keeps {keeps} of the mean parent.")
+        if "uniform plans + repair" in first:
+            gaps = [t(ds, o, "+ repair") - t(ds, o, "uniform plans + repair") for o in orders]
+            verdict = ("most of REPAIR's gain is not an alignment gain here" if max(abs(g) for g in gaps) < 3
+                       else "the alignment adds to what REPAIR recovers")
+            lines.append(f"- {ds}: `+ repair` minus REPAIR of *uniform* plans (no alignment information at all): "
+                         + ", ".join(f"{g:+.2f}" for g in gaps) + f" points: {verdict}.")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
