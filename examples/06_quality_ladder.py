@@ -174,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = R.example_parser(__doc__, NAME)
     p.add_argument("--pair", default="0,1", help="parent seeds, anchor first (default 0,1; e.g. 0,1,2,3: the main "
                    "rungs only, no diagnosis)")
+    p.add_argument("--datasets", default="digits,fashion-mnist", help="comma-separated (default both)")
     p.add_argument("--render", action="store_true", help="only rewrite README.md from an existing results.json")
     args = p.parse_args(argv)
     if args.render:
@@ -186,11 +187,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = R.command_line()
     out = R.output_dir(args, NAME)
     seeds = [int(s) for s in args.pair.split(",")]
-    setups = {"digits": (load_digits_split(), R.ViTSpec("digits", epochs=30))}
-    if not args.smoke:
-        setups["fashion-mnist"] = R.image_setup(False)
+    wanted = args.datasets.split(",")
+    setups = {}
+    if args.smoke:
+        setups["digits"] = R.image_setup(True)
     else:
-        setups = {"digits": R.image_setup(True)}
+        if "digits" in wanted:
+            setups["digits"] = (load_digits_split(), R.ViTSpec("digits", epochs=30))
+        if "fashion-mnist" in wanted:
+            setups["fashion-mnist"] = R.image_setup(False)
     results: dict = {"command": command, "environment": R.environment(), "regs": REGS, "samples": SAMPLES}
     for ds, (split, spec) in setups.items():
         parents = [R.vit_parent(split, spec, s, progress=False) for s in seeds]
