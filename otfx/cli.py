@@ -34,7 +34,7 @@ from otfx.checks import (
 from otfx.io import OtfxInputError, Terminated, atomic_dir, quiet_hf_progress, terminate_as_exception
 from otfx.io.data import load_data, load_labelled
 from otfx.io.models import InputSpec, LoadedModel, example_inputs, load_model, save_model
-from otfx.io.output import atomic_file, check_output_dir, check_output_file
+from otfx.io.output import atomic_file, check_output_dir, check_output_file, clean_stale
 from otfx.io.report import FusionReport, write_report
 from otfx.trace import TraceError, main_output
 
@@ -281,6 +281,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_output_file(out, args.overwrite, _input_paths([args.model], args), companions=(".data",))
     (loaded,) = _load_all(args, [args.model], console)
     target = check_output_file(out, args.overwrite, _input_paths([args.model], args, [loaded]), companions=(".data",))
+    clean_stale(target)  # the exporter's own temporaries are reported
     example = _examples(args, loaded)
     if args.with_mask:
         example = _with_mask(loaded, example)

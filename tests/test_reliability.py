@@ -160,6 +160,11 @@ def test_stale_temporaries_are_removed_and_reported(tmp_path):
     with pytest.warns(UserWarning, match="still running"):
         assert clean_stale(tmp_path / "x") == []
     assert live.exists()
+    legacy = tmp_path / ".o.ab12cd34.tmp"  # an older otfx's temporary (no pid in the name): reported, kept
+    legacy.mkdir()
+    with pytest.warns(UserWarning, match="probably left by an interrupted run of an older otfx"):
+        assert clean_stale(tmp_path / "o") == []
+    assert legacy.exists()
 
 
 def test_check_output_dir_resolves_before_comparing(tmp_path):

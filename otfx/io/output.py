@@ -272,6 +272,9 @@ def _tmp_prefix(target: Path) -> str:
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.otfx-(tmp|old)(\.\w+)?$")
 
 
+_LEGACY = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")  # mkdtemp names without a pid (otfx < issue 13)
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -293,6 +296,10 @@ def clean_stale(target: Path) -> list[Path]:
         return removed
     for entry in parent.iterdir():
         match = _TMP.match(entry.name)
+        if not match and _LEGACY.match(entry.name) and entry.name.startswith(f".{target.name}."):
+            warnings.warn(f"found {entry}, probably left by an interrupted run of an older otfx (or of the ONNX "
+                          f"exporter); remove it if nothing is writing {target}", StaleOutputWarning, stacklevel=3)
+            continue
         if not match or match["name"] != target.name:
             continue
         pid = int(match["pid"])
@@ -370,6 +377,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator:
     target = real(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(target)
         fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=TMP_SUFFIX, dir=target.parent)
     except OSError as err:
         raise _write_error(path, err) from err
@@ -395,9 +403,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path next to ``path`` (same suffix) for a writer that wants a file name; on success it is
     fsynced and moved into place, else removed."""
     target = real(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=f"{TMP_SUFFIX}{target.suffix}",
-                               dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(target)
+        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=f"{TMP_SUFFIX}{target.suffix}",
+                                   dir=target.parent)
+    except OSError as err:
+        raise _write_error(path, err) from err
     os.close(fd)
     try:
         os.chmod(tmp, file_mode())
