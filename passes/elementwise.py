@@ -61,7 +61,7 @@ def _tensors(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.args if isinstance(a, fx.Node) and InferContext.shape(a) is not None]
 
 
-@register(aten.add.Tensor, aten.sub.Tensor, aten.rsub.Tensor)
+@register(aten.add.Tensor, aten.sub.Tensor, aten.rsub.Tensor, aten.subtract.Tensor)
 def add(ctx: InferContext, node: fx.Node) -> None:
     ctx.set_axes(node, broadcast(ctx, node, _tensors(node), "residual"))
 
@@ -72,7 +72,8 @@ def add(ctx: InferContext, node: fx.Node) -> None:
           aten.lerp.Scalar, aten.addcmul.default, aten.ge.Tensor, aten.gt.Tensor, aten.le.Tensor, aten.lt.Tensor,
           aten.eq.Tensor, aten.ne.Tensor, aten.__and__.Tensor, aten.__or__.Tensor, aten.bitwise_and.Tensor,
           aten.bitwise_or.Tensor, aten.logical_and.default, aten.logical_or.default, aten.logical_xor.default,
-          aten.min.other, aten.max.other, aten.floor_divide.default, aten.remainder.Tensor, aten.fmod.Tensor)
+          aten.min.other, aten.max.other,
+          aten.multiply.Tensor, aten.floor_divide.default, aten.remainder.Tensor, aten.fmod.Tensor)
 def multiply(ctx: InferContext, node: fx.Node) -> None:
     ctx.set_axes(node, broadcast(ctx, node, _tensors(node), None))
 

@@ -41,7 +41,7 @@ def slice_(ctx: InferContext, node: fx.Node) -> None:
         ctx.set_axes(node, list(axes))
         return
     if step != 1:
-        ctx.fix_node(node, "strided slice", unknown=False)
+        _strided(ctx, node, axes, dim, n, start, end, step)
         return
     spaces = ctx.spaces
     parts, kept = [], None
@@ -55,6 +55,18 @@ def slice_(ctx: InferContext, node: fx.Node) -> None:
     spaces.together.append(parts)
     spaces.kept.append(kept)
     ctx.set_axes(node, axes[:dim] + [kept] + axes[dim + 1:])
+
+
+def _strided(ctx: InferContext, node: fx.Node, axes: list[int], dim: int, n: int, start: int, end: int,
+             step: int) -> None:
+    """x[..., start::step] over the whole axis is one entry of each block of ``step``: the axis is the
+    product (blocks x step) and the slice keeps the blocks (interleaved rotary halves)."""
+    if n % step or start >= step or end < n - (step - 1 - start):
+        ctx.fix_node(node, "strided slice", unknown=False)
+        return
+    blocks, within = ctx.spaces.new(n // step), ctx.spaces.new(step, "strided slice: position within a block")
+    ctx.spaces.set_structure(axes[dim], "prod", [blocks, within])
+    ctx.set_axes(node, axes[:dim] + [blocks] + axes[dim + 1:])
 
 
 FIXING = [

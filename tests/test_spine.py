@@ -269,6 +269,8 @@ def _tiny_hf(name: str) -> nn.Module:
         return tf.RobertaForMaskedLM(tf.RobertaConfig(**small, type_vocab_size=1))
     if name == "partial_rotary":
         return tf.PhiForCausalLM(tf.PhiConfig(**small, partial_rotary_factor=0.5))
+    if name == "interleaved_rotary":  # rotary on even/odd dims: x[..., ::2], x[..., 1::2]
+        return tf.CohereForCausalLM(tf.CohereConfig(**small, num_key_value_heads=2))
     if name == "one_plus_w_rms_norm":
         return tf.GemmaForCausalLM(tf.GemmaConfig(**small, num_key_value_heads=2, head_dim=8))
     raise KeyError(name)
@@ -283,6 +285,7 @@ MECHANISMS = {
     "masked_activation": lambda: _MechNet(masked=True),
     "roberta_position_ids": lambda: _tiny_hf("roberta_position_ids"),
     "partial_rotary": lambda: _tiny_hf("partial_rotary"),
+    "interleaved_rotary": lambda: _tiny_hf("interleaved_rotary"),
     "one_plus_w_rms_norm": lambda: _tiny_hf("one_plus_w_rms_norm"),
 }
 
