@@ -50,7 +50,23 @@ def addmm(ctx: InferContext, node: fx.Node) -> None:
 
 @register(aten.mm.default, aten.matmul.default, aten.bmm.default)
 def matmul(ctx: InferContext, node: fx.Node) -> None:
-    a, b = node.args[:2]
+    _product(ctx, node, *node.args[:2])
+
+
+@register(aten.baddbmm.default, aten.addbmm.default)
+def baddbmm(ctx: InferContext, node: fx.Node) -> None:
+    """beta * input + alpha * (batch1 @ batch2): the product, plus an added tensor broadcast into it (ALiBi)."""
+    bias, a, b = node.args[:3]
+    _product(ctx, node, a, b)
+    out, bias_axes, bias_shape = ctx.axes_of(node), ctx.axes_of(bias), ctx.shape(bias)
+    if out is None or bias_axes is None:
+        return
+    for d in range(1, min(len(bias_axes), len(out)) + 1):
+        if bias_shape[-d] == ctx.shape(node)[-d]:
+            ctx.link(bias_axes[-d], out[-d])
+
+
+def _product(ctx: InferContext, node: fx.Node, a: fx.Node, b: fx.Node) -> None:
     a_axes, b_axes = ctx.axes_of(a), ctx.axes_of(b)
     if a_axes is None or b_axes is None or len(a_axes) < 2 or len(b_axes) < 2:
         ctx.fix_node(node, f"{node.target} on vectors", unknown=True)

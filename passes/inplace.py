@@ -33,7 +33,8 @@ def add_(ctx: InferContext, node: fx.Node) -> None:
 @register(aten.mul_.Tensor, aten.div_.Tensor, aten.add_.Scalar, aten.sub_.Scalar, aten.mul_.Scalar,
           aten.div_.Scalar, aten.masked_fill_.Scalar, aten.clamp_.default, aten.tanh_.default,
           aten.sigmoid_.default, aten.neg_.default, aten.exp_.default, aten.sqrt_.default, aten.rsqrt_.default,
-          aten.pow_.Scalar, aten.hardtanh_.default, aten.leaky_relu_.default, aten.mish_.default)
+          aten.pow_.Scalar, aten.hardtanh_.default, aten.leaky_relu_.default, aten.mish_.default,
+          aten.detach_.default)
 def multiply_(ctx: InferContext, node: fx.Node) -> None:
     """Operands are one space, as ``mul``."""
     _write_back(ctx, node, broadcast(ctx, node, _tensors(node), None))

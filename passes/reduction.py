@@ -36,6 +36,6 @@ def reduce(ctx: InferContext, node: fx.Node) -> None:
     ctx.set_axes(node, out)
 
 
-@register(aten.mean.default, aten.sum.default)
+@register(aten.mean.default, aten.sum.default, aten.max.default, aten.min.default)
 def reduce_all(ctx: InferContext, node: fx.Node) -> None:
     ctx.set_axes(node, [])

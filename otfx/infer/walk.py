@@ -49,7 +49,7 @@ def _placeholder(ctx: InferContext, traced: Traced, node: fx.Node) -> None:
         return
     if name in traced.placeholder_to_param:
         fqn = traced.placeholder_to_param[name]
-        axes = ctx.fresh(shape)
+        axes = ctx.fresh(shape, None if node.users else "a parameter the traced forward never reads")
         ctx.param_axes[fqn] = axes
         ctx.param_view[node] = (fqn, list(range(len(shape))))
     elif name in traced.placeholder_to_buffer or name in traced.placeholder_to_constant:
