@@ -48,8 +48,9 @@ def make_pair(shape: dict, work: Path, noise: float, shard: str) -> None:
     from otfx.symmetry import space_permutations
 
     torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(_config(shape)).to(torch.bfloat16)
+    torch.set_default_dtype(torch.bfloat16)  # initialised in bf16: no float32 copy of the whole model
+    model = LlamaForCausalLM(_config(shape))
+    torch.set_default_dtype(torch.float32)
     model.save_pretrained(work / "a", max_shard_size=shard)
     del model
     meta = meta_model(work / "a")
