@@ -88,6 +88,10 @@ def test_anchor_free_fusion_does_not_depend_on_the_order_of_the_models():
     torch.testing.assert_close(outputs(ab, x), outputs(ba, x), atol=1e-4, rtol=0)
     anchored = [otfx.fuse(ta, tb, solver="emd"), otfx.fuse(tb, ta, solver="emd")]
     assert all(torch.isfinite(outputs(m, x)).all() for m in anchored)
+    c, _ = zoo.build("hf_vit", seed=2)
+    tc = otfx.trace(c, args)
+    abc, cab = anchor_free_fuse(ta, tb, tc), anchor_free_fuse(tc, ta, tb)
+    torch.testing.assert_close(outputs(abc, x), outputs(cab, x), atol=1e-4, rtol=0)
 
 
 def test_correlation_cost_recovers_a_planted_permutation():

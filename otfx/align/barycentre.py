@@ -42,6 +42,14 @@ def average(modules: Sequence[nn.Module], weights: Sequence[float]) -> nn.Module
     return out
 
 
+def fingerprint(model: nn.Module) -> tuple[float, float]:
+    """A number that depends on a model's parameters only, not on where it comes in a list: the sums of their
+    squares and of their values (float64)."""
+    with torch.no_grad():
+        params = [p.detach().double() for p in model.parameters()]
+        return float(sum(p.square().sum() for p in params)), float(sum(p.sum() for p in params))
+
+
 def _same(a: nn.Module, b: nn.Module) -> bool:
     pb = dict(b.named_parameters(remove_duplicate=False))
     return all(torch.equal(p, pb[fqn]) for fqn, p in a.named_parameters(remove_duplicate=False))
@@ -49,10 +57,11 @@ def _same(a: nn.Module, b: nn.Module) -> bool:
 
 def barycentre_align(*models, args: tuple | None = None, kwargs: dict | None = None, weights=None,
                      max_iter: int = 20, data=None, **align_options) -> list[nn.Module]:
-    """The models rewritten into one common basis by MergeMany: each in turn is aligned to the weighted
-    average of the others (already aligned), until a full sweep changes no model (at most ``max_iter``
-    sweeps). ``align_options`` go to ``otfx.align`` (its defaults: EMD, function-preserving). Returns new
-    modules, one per model, each computing its model's function; the inputs are not modified."""
+    """The models rewritten into one common basis by MergeMany: each in turn (in a canonical order that does
+    not depend on the order they are given in) is aligned to the weighted average of the others (already
+    aligned), until a full sweep changes no model (at most ``max_iter`` sweeps). ``align_options`` go to
+    ``otfx.align`` (its defaults: EMD, function-preserving). Returns new modules, one per model in the order
+    given, each computing its model's function; the inputs are not modified."""
     from otfx.fuse import align
 
     if len(models) < 2:
@@ -64,13 +73,17 @@ def barycentre_align(*models, args: tuple | None = None, kwargs: dict | None = N
     if data is not None:
         align_options["data"] = list(data)
     current = [copy.deepcopy(_module(m)) for m in models]
+    # a canonical order (by the parameters' fingerprint, not by position), so that the result does not depend on
+    # the order in which the models are given
+    order = sorted(range(len(models)), key=lambda i: fingerprint(current[i]))
     if max_iter < 1:
         raise FusionError(f"max_iter must be >= 1, got {max_iter}")
     sweeps, changed = 0, True
     while changed and sweeps < max_iter:
         sweeps += 1
         changed = False
-        for i, model in enumerate(models):
+        for i in order:
+            model = models[i]
             others = [j for j in range(len(models)) if j != i]
             total = sum(w[j] for j in others)
             if total <= 0:
