@@ -40,6 +40,9 @@ def slice_(ctx: InferContext, node: fx.Node) -> None:
     if start == 0 and end >= n and step == 1:
         ctx.set_axes(node, list(axes))
         return
+    if end <= start:  # an empty slice reads nothing
+        ctx.set_axes(node, axes[:dim] + [ctx.spaces.new(0, "empty slice")] + axes[dim + 1:])
+        return
     if step != 1:
         _strided(ctx, node, axes, dim, n, start, end, step)
         return
