@@ -8,6 +8,7 @@ import time
 import torch
 from torch import nn
 
+from otfx import checks
 from otfx.align.activations import collect
 from otfx.align.config import FusionConfig, FusionError
 from otfx.align.maps import TransportMaps
@@ -19,6 +20,7 @@ from otfx.trace import Traced, eval_mode, main_output, trace
 
 
 def _analysed(models, args, kwargs) -> list[Inference]:
+    """Trace (if needed) and analyse each model; refuse one changed since it was traced or with NaN/inf."""
     out = []
     for i, m in enumerate(models):
         if isinstance(m, (Traced, Inference)):
@@ -30,6 +32,8 @@ def _analysed(models, args, kwargs) -> list[Inference]:
             out.append(analyse(trace(m, args, kwargs, name=f"model {i} ({type(m).__name__})")))
         else:
             raise FusionError(f"model {i} is a {type(m).__name__}, not a torch.nn.Module or otfx.Traced")
+        checks.check_traced_unchanged(out[-1].traced)
+        checks.check_finite_params(out[-1], out[-1].traced.name)
     return out
 
 
@@ -88,17 +92,18 @@ def compute_maps(anchor: Inference, other: Inference, config: FusionConfig, data
     return maps
 
 
-def fuse(*models, args: tuple | None = None, kwargs: dict | None = None, cost: str = "weights",
-         solver: str = "sinkhorn_torch", reg: float = 0.06, data=None, residual: str = "mean", heads: str = "cross",
-         qk: str = "untied", tokens="all", weights=None, max_iter: int = 1000) -> nn.Module:
+def fuse(*models, args: tuple | None = None, kwargs: dict | None = None, data=None,
+         config: FusionConfig | None = None, **options) -> nn.Module:
     """Fuse two or more transformers of one architecture into one model of the anchor's (the first's) shapes.
 
-    Every other model is aligned to the anchor with transport maps computed over the inferred flow graph,
-    then the parameters are averaged with ``weights`` (uniform by default). Returns a new module; the inputs
-    are not modified. ``fused.otfx_report`` holds per-map statistics and stage timings.
+    Every other model is aligned to the anchor with transport maps computed over the map graph, then the
+    parameters are averaged with ``weights`` (uniform by default). ``options`` are the fields of
+    :class:`FusionConfig` (``cost``, ``solver``, ``reg``, ``residual``, ``heads``, ``qk``, ``tokens``,
+    ``weights``, ``max_iter``, ``repair``, ``anchor_free``), over ``config`` or the defaults. ``data``: batches of
+    inputs for activation costs and repair. Returns a new module; the inputs are not modified.
+    ``fused.otfx_report`` holds per-map statistics and stage timings.
     """
-    config = FusionConfig(cost, solver, reg, residual, heads, qk, tokens,
-                          tuple(weights) if weights is not None else None, max_iter)
+    config = FusionConfig.make(config, **options)
     data = list(data) if data is not None else None
     config.validate(len(models), data is not None)
     timings: dict[str, float] = {}
@@ -106,8 +111,33 @@ def fuse(*models, args: tuple | None = None, kwargs: dict | None = None, cost: s
     inferences = _analysed(models, args, kwargs)
     _check_inputs(inferences)
     timings["trace_and_infer"] = time.perf_counter() - start
+    if config.anchor_free:
+        from otfx.align.barycentre import anchor_free_fuse
+
+        fused = anchor_free_fuse(*[i.traced for i in inferences], weights=config.weights,
+                                 data=data if config.maps_need_data() else None, cost=config.cost,
+                                 tokens=config.tokens)
+        stats, aligned = [], fused.otfx_aligned
+    else:
+        fused, stats = _fuse_to_anchor(inferences, config, data, timings)
+        aligned = None
+    if config.repair:
+        from otfx.align.repair import repair
+
+        t0 = time.perf_counter()
+        fused = repair(fused, [i.traced for i in inferences], data, config.weights, aligned=aligned)
+        timings["repair"] = time.perf_counter() - t0
+    checks.check_finite_params(fused, "the fused model", error=checks.NonFiniteError)
+    timings["total"] = time.perf_counter() - start
+    fused.otfx_report = {"config": vars(config), "maps": stats, "timings": timings}
+    return fused
+
+
+def _fuse_to_anchor(inferences: list[Inference], config: FusionConfig, data,
+                    timings: dict[str, float]) -> tuple[nn.Module, list[dict]]:
+    """The anchor's copy with every parameter the weighted mean of the models aligned to the anchor."""
     anchor = inferences[0]
-    weights_n = config.model_weights(len(models))
+    weights_n = config.model_weights(len(inferences))
     anchor_params = anchor.traced.parameters()
     fused = copy.deepcopy(anchor.traced.model)
     fused_params = dict(fused.named_parameters(remove_duplicate=False))
@@ -136,20 +166,18 @@ def fuse(*models, args: tuple | None = None, kwargs: dict | None = None, cost: s
             timings[stage] = timings.get(stage, 0.0) + seconds
         stats.extend({"model": k, **vars(s)} for s in maps.stats)
         del maps
-    timings["total"] = time.perf_counter() - start
-    fused.otfx_report = {"config": vars(config), "maps": stats, "timings": timings}
-    return fused
+    return fused, stats
 
 
-def align(model, to, *, args: tuple | None = None, kwargs: dict | None = None, cost: str = "weights",
-          solver: str = "emd", reg: float = 0.06, data=None, residual: str = "shared", heads: str = "aware",
-          qk: str = "tied", tokens="all") -> nn.Module:
+def align(model, to, *, args: tuple | None = None, kwargs: dict | None = None, data=None,
+          config: FusionConfig | None = None, **options) -> nn.Module:
     """``model`` rewritten into the spaces of ``to`` (its transport maps applied, nothing averaged).
 
-    The defaults (EMD, one map per residual stream, head-aware, tied q/k) make every map a permutation that
-    respects the model's symmetries, so the result computes the same function as ``model`` when widths match.
+    The defaults (:meth:`FusionConfig.alignment`: EMD, one map per residual stream, head-aware, tied q/k) make
+    every map a permutation that respects the model's symmetries, so the result computes the same function as
+    ``model`` when widths match. ``options``: fields of :class:`FusionConfig`, as for ``fuse``.
     """
-    config = FusionConfig(cost, solver, reg, residual, heads, qk, tokens)
+    config = FusionConfig.make(config or FusionConfig.alignment(), **options)
     data = list(data) if data is not None else None
     config.validate(2, data is not None)
     anchor, other = _analysed([to, model], args, kwargs)
@@ -163,13 +191,21 @@ def align(model, to, *, args: tuple | None = None, kwargs: dict | None = None, c
     return result
 
 
+def _modules(models) -> list[nn.Module]:
+    """The modules of models given as modules, ``Traced`` or ``Inference``; NaN/inf parameters refused."""
+    modules = [m.model if isinstance(m, Traced) else m.traced.model if isinstance(m, Inference) else m
+               for m in models]
+    for i, m in enumerate(modules):
+        checks.check_finite_params(m, f"model {i} ({type(m).__name__})")
+    return modules
+
+
 def vanilla_fuse(*models, args: tuple | None = None, kwargs: dict | None = None, weights=None) -> nn.Module:
     """Plain parameter averaging, the baseline (models of identical shapes only)."""
     if len(models) < 2:
         raise FusionError(f"fusion needs at least two models, got {len(models)}")
-    modules = [m.model if isinstance(m, Traced) else m.traced.model if isinstance(m, Inference) else m
-               for m in models]
-    config = FusionConfig(weights=tuple(weights) if weights is not None else None)
+    modules = _modules(models)
+    config = FusionConfig.make(weights=weights)
     config.validate(len(models), False)
     w = config.model_weights(len(models))
     states = [dict(m.named_parameters()) for m in modules]
@@ -202,9 +238,8 @@ class Ensemble(nn.Module):
 
 def ensemble(*models, weights=None) -> nn.Module:
     """An output ensemble of the models (weighted mean of their logits)."""
-    modules = [m.model if isinstance(m, Traced) else m.traced.model if isinstance(m, Inference) else m
-               for m in models]
-    config = FusionConfig(weights=tuple(weights) if weights is not None else None)
+    modules = _modules(models)
+    config = FusionConfig.make(weights=weights)
     config.validate(len(models), False)
     outputs = [m.output if isinstance(m, Traced) else m.traced.output if isinstance(m, Inference) else None
                for m in models]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 HEADS = ("cross", "aware")
 QK = ("untied", "tied")
@@ -36,6 +36,28 @@ class FusionConfig:
     tokens: str | tuple = "all"
     weights: tuple[float, ...] | None = None
     max_iter: int = 1000
+    #: after fusing, reset every aligned unit's mean and std to the parents' (REPAIR; needs ``data``)
+    repair: bool = False
+    #: align every model to a common barycentre (MergeMany) instead of to the first model
+    anchor_free: bool = False
+
+    @classmethod
+    def make(cls, base: FusionConfig | None = None, **options) -> FusionConfig:
+        """``base`` (the defaults if None) with ``options`` replaced; an unknown option is an error naming the
+        known ones (the one place where ``fuse``, ``align``, the CLI and the sweep get their defaults)."""
+        known = [f.name for f in fields(cls)]
+        unknown = [k for k in options if k not in known]
+        if unknown:
+            raise FusionError(f"unknown fusion option {unknown[0]!r}; the options are {', '.join(known)}")
+        if options.get("weights") is not None:
+            options["weights"] = tuple(options["weights"])
+        return replace(base or cls(), **options)
+
+    @classmethod
+    def alignment(cls, **options) -> FusionConfig:
+        """The defaults of ``otfx.align``: every map a permutation that respects the model's symmetries (EMD, one
+        map per residual stream, head-aware, tied queries and keys), so the aligned model keeps its function."""
+        return cls.make(cls(solver="emd", residual="shared", heads="aware", qk="tied"), **options)
 
     def validate(self, n_models: int, has_data: bool) -> None:
         import math
@@ -58,10 +80,14 @@ class FusionConfig:
             raise FusionError(f"reg must be a positive finite number, got {self.reg!r}")
         if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, numbers.Integral) or self.max_iter < 1:
             raise FusionError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+        for name in ("repair", "anchor_free"):
+            if not isinstance(getattr(self, name), bool):
+                raise FusionError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if n_models < 2:
             raise FusionError(f"fusion needs at least two models, got {n_models}")
         if self.needs_data() and not has_data:
-            what = f"cost={self.cost!r}" if self.cost_needs_data() else f"residual={self.residual!r}"
+            what = (f"cost={self.cost!r}" if self.cost_needs_data() else "repair=True" if self.repair
+                    else f"residual={self.residual!r}")
             raise FusionError(f"{what} needs data: pass data=[batch, ...] with inputs shaped like the example args")
         if self.weights is not None:
             if len(self.weights) != n_models:
@@ -87,7 +113,11 @@ class FusionConfig:
         from otfx.align.combiners import COMBINERS
 
         combiner = COMBINERS.get(self.residual)
-        return self.cost_needs_data() or bool(getattr(combiner, "needs_magnitudes", False))
+        return self.cost_needs_data() or self.repair or bool(getattr(combiner, "needs_magnitudes", False))
+
+    def maps_need_data(self) -> bool:
+        """Whether the transport maps themselves read activations (repair reads them after fusing)."""
+        return replace(self, repair=False).needs_data()
 
     def model_weights(self, n_models: int) -> list[float]:
         weights = self.weights or tuple([1.0] * n_models)

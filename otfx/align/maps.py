@@ -44,6 +44,9 @@ class MapStats:
     sharpness: float = 1.0
     iterations: int = 0
     producers: list[str] = field(default_factory=list)
+    converged: bool = True
+    fallback: str | None = None
+    marginal_error: float = 0.0
 
 
 class TransportMaps:
@@ -215,7 +218,7 @@ class TransportMaps:
             plan, info = solve(cost.to(torch.float64), method=self.config.solver, reg=self.config.reg,
                                max_iter=self.config.max_iter)
         self.stats.append(MapStats(space, kind, n_a, n_b, info.method, info.cost_range, info.sharpness,
-                                   info.iterations, used))
+                                   info.iterations, used, info.converged, info.fallback, info.marginal_error))
         return plan
 
 
