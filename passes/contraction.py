@@ -104,14 +104,18 @@ def conv(ctx: InferContext, node: fx.Node) -> None:
     bias = arg(node, 2, "bias")
     groups = arg(node, 6, "groups", 1)
     x_axes, w_axes = ctx.axes_of(x), ctx.axes_of(weight)
-    if groups != 1 or x_axes is None or w_axes is None:
-        ctx.fix_node(node, "grouped convolution", unknown=True)
+    shape = ctx.shape(node)
+    if x_axes is not None and w_axes is not None and groups > 1 and groups == shape[1] == ctx.shape(x)[1] \
+            and len(x_axes) == len(shape):
+        _depthwise(ctx, node, x_axes, w_axes, bias)
+        return
+    if groups != 1 or x_axes is None or w_axes is None or len(x_axes) != len(shape):
+        ctx.fix_node(node, "grouped or unbatched convolution", unknown=True)
         return
     ctx.link(x_axes[1], w_axes[1])
     ctx.consume(weight, 1)
     for kernel_axis in w_axes[2:]:
         ctx.spaces.fix(kernel_axis, "convolution kernel position")
-    shape = ctx.shape(node)
     out = ctx.spaces.new(shape[1])
     ctx.link(w_axes[0], out)
     ctx.produce(out, weight, 0, node)
@@ -119,6 +123,18 @@ def conv(ctx: InferContext, node: fx.Node) -> None:
         ctx.link(ctx.axes_of(bias)[0], out)
     spatial = ctx.fresh(shape[2:], "convolution output position")
     ctx.set_axes(node, [x_axes[0], out, *spatial])
+
+
+def _depthwise(ctx: InferContext, node: fx.Node, x_axes, w_axes, bias) -> None:
+    """groups == channels: channel c is filtered by w[c] alone, so channels keep their space (like a norm's
+    weight, the filter is not a producer); kernel and output positions are fixed."""
+    shape = ctx.shape(node)
+    ctx.link(x_axes[1], w_axes[0])
+    for kernel_axis in w_axes[2:]:
+        ctx.spaces.fix(kernel_axis, "convolution kernel position")
+    if isinstance(bias, fx.Node) and ctx.axes_of(bias):
+        ctx.link(ctx.axes_of(bias)[0], x_axes[1])
+    ctx.set_axes(node, [x_axes[0], x_axes[1], *ctx.fresh(shape[2:], "convolution output position")])
 
 
 @register(aten.embedding.default)

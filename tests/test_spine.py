@@ -276,7 +276,22 @@ def _tiny_hf(name: str) -> nn.Module:
     raise KeyError(name)
 
 
+class _DepthwiseMixer(nn.Module):
+    """A Mamba-like causal depthwise convolution between two linears, gated by 2 ** sigmoid(h)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.a = nn.Embedding(50, 8), nn.Linear(8, 12)
+        self.conv, self.b = nn.Conv1d(12, 12, 3, groups=12, padding=2), nn.Linear(12, 5)
+
+    def forward(self, ids):
+        h = self.a(self.emb(ids)).transpose(1, 2)
+        h = self.conv(h)[..., :ids.shape[1]].transpose(1, 2)
+        return self.b(h * 2 ** torch.sigmoid(h)).mean(1)
+
+
 MECHANISMS = {
+    "depthwise_conv": _DepthwiseMixer,
     "inplace_add": lambda: _MechNet(inplace=True),
     "einsum": lambda: _MechNet(einsum=True),
     "avg_pool": lambda: _MechNet("avg_pool"),
