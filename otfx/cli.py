@@ -16,11 +16,13 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 import otfx
+from otfx.align.config import FusionConfig, choices
 from otfx.checks import (
     ModelInputError,
     NonFiniteParameterError,
@@ -38,7 +40,7 @@ from otfx.io.output import atomic_file, check_output_dir, check_output_file, cle
 from otfx.io.report import FusionReport, write_report
 from otfx.trace import TraceError, main_output
 
-FUSE_OPTIONS = ("cost", "solver", "reg", "residual", "heads", "qk", "tokens", "weights", "max_iter")
+FUSE_OPTIONS = tuple(f.name for f in fields(FusionConfig))
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -147,14 +149,6 @@ def _check_same_architecture(loaded: list[LoadedModel]) -> None:
                                      f"{first.source} and {tuple(theirs[name].shape)} in {other.source}")
 
 
-def _fuse_function() -> Callable:
-    fuse = getattr(otfx, "fuse", None)
-    if fuse is None:
-        raise OtfxInputError("fusion is not available in this otfx installation (otfx.fuse is missing); "
-                             "update otfx")
-    return fuse
-
-
 def _parse_weights(text: str | None, n: int) -> list[float] | None:
     if text is None:
         return None
@@ -183,35 +177,33 @@ def _fuse_options(args: argparse.Namespace, n: int) -> dict:
     reg = getattr(args, "reg", None)  # sweep has --regs instead
     options = {"cost": args.cost, "solver": args.solver, "reg": reg, "residual": args.residual,
                "heads": args.heads, "qk": args.qk, "tokens": _check_tokens(args.tokens),
-               "weights": _parse_weights(args.weights, n), "max_iter": args.max_iter}
+               "weights": _parse_weights(args.weights, n), "max_iter": args.max_iter,
+               "repair": getattr(args, "repair", None), "anchor_free": getattr(args, "anchor_free", None)}
     if reg is not None and not (reg > 0 and math.isfinite(reg)):
         raise OtfxInputError(f"--reg must be a positive finite number, got {reg}")
     if args.max_iter is not None and args.max_iter < 1:
         raise OtfxInputError(f"--max-iter must be at least 1, got {args.max_iter}")
+    given = {k: v for k, v in options.items() if v is not None}
     if not args.data:
-        if args.cost == "activations":
-            raise OtfxInputError("--cost activations needs --data PATH (inputs to collect activations on)")
-        if (args.residual or "").startswith("weighted"):
+        config = FusionConfig.make(**{k: v for k, v in given.items() if k != "weights"})
+        if config.cost_needs_data():
+            raise OtfxInputError(f"--cost {config.cost} needs --data PATH (inputs to collect activations on)")
+        if config.repair:
+            raise OtfxInputError("--repair needs --data PATH (inputs to measure the units' statistics on)")
+        if config.needs_data():
             raise OtfxInputError(f"--residual {args.residual} needs --data PATH (activations weigh the residuals)")
-    return {k: v for k, v in options.items() if v is not None}
+    return given
 
 
 def _call_fuse(fuse: Callable, traced: list, anchor: int, options: dict, data) -> torch.nn.Module:
-    """Call otfx.fuse with the anchor first (or as ``anchor=`` when it takes one)."""
-    params = inspect.signature(fuse).parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    """Call ``fuse`` with the anchor first (its weight moved with it)."""
     options = dict(options)
     if data is not None:
         options["data"] = data
-    unknown = [k for k in options if k not in params and not takes_any]
-    if unknown:
-        raise OtfxInputError(f"this otfx.fuse does not take {', '.join(unknown)}; drop those options")
     models = list(traced)
-    if "anchor" in params:
-        options["anchor"] = anchor
-    elif anchor:
+    if anchor:
         models.insert(0, models.pop(anchor))
-        if "weights" in options:
+        if options.get("weights") is not None:
             weights = list(options["weights"])
             weights.insert(0, weights.pop(anchor))
             options["weights"] = weights
@@ -219,9 +211,8 @@ def _call_fuse(fuse: Callable, traced: list, anchor: int, options: dict, data) -
 
 
 def _effective_options(fuse: Callable, options: dict) -> dict:
-    """The given options over the defaults of ``fuse``'s signature."""
-    defaults = {name: p.default for name, p in inspect.signature(fuse).parameters.items()
-                if name in FUSE_OPTIONS and p.default is not inspect.Parameter.empty}
+    """The given options over FusionConfig's defaults."""
+    defaults = {f.name: getattr(FusionConfig(), f.name) for f in fields(FusionConfig) if f.name in FUSE_OPTIONS}
     return {**defaults, **options}
 
 
@@ -317,7 +308,7 @@ def _fusion_setup(args: argparse.Namespace, verb: str):
     n = len(args.models)
     if n < 2:
         raise OtfxInputError(f"{verb} needs at least two MODELs")
-    return console, n, _fuse_function(), _anchor_index(args, n)
+    return console, n, otfx.fuse, _anchor_index(args, n)
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
@@ -325,6 +316,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         raise OtfxInputError("fuse needs --out DIR (or 'out:' in --config)")
     console, n, fuse, anchor = _fusion_setup(args, "fuse")
     options = _fuse_options(args, n)
+    if args.lazy:
+        return _fuse_streamed(args, anchor, options, console)
     check_output_dir(args.out, args.overwrite, _input_paths(args.models, args))
     report = FusionReport(models=list(args.models))
     with report.stage("load"):
@@ -346,7 +339,9 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     with report.stage("fuse"):
         fused = _fuse_quietly(lambda: _call_fuse(fuse, traced, anchor, options, data))
     check_finite_output(fused, example, name="the fused model", output=getattr(traced[anchor], "output", None))
-    report.config = {"options": _effective_options(fuse, options), "given": options, "anchor": anchor,
+    resolved = (getattr(fused, "otfx_report", None) or {}).get("config") or {}  # the choices fuse made (reg, ...)
+    effective = {**_effective_options(fuse, options), **{k: v for k, v in resolved.items() if k in FUSE_OPTIONS}}
+    report.config = {"options": effective, "given": options, "anchor": anchor,
                      "data": args.data, "inputs": [list(t.shape) for t in example],
                      "input_dtypes": [str(t.dtype) for t in example]}
     report.add_fusion(_fusion_stats(fused))
@@ -380,6 +375,25 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     if onnx_check is not None:
         print(onnx_check)
     return status
+
+
+def _fuse_streamed(args: argparse.Namespace, anchor: int, options: dict, console) -> int:
+    """``fuse --lazy``: two HF folders fused by streaming (``otfx.stream.fuse_checkpoints``)."""
+    from otfx.stream import fuse_checkpoints
+
+    if len(args.models) != 2 or args.data or args.onnx or args.dry_run:
+        raise OtfxInputError("--lazy fuses exactly two Hugging Face folders, without --data, --onnx or --dry-run")
+    models = list(args.models)
+    if anchor:
+        models.reverse()
+        if options.get("weights"):
+            options["weights"] = list(reversed(options["weights"]))
+    console.say(f"streaming {models[0]} (anchor) and {models[1]} into {args.out}")
+    start = time.perf_counter()
+    out = fuse_checkpoints(*models, args.out, shard_size=args.out_shard_size, overwrite=args.overwrite, **options)
+    print(f"fused 2 models into {out} by streaming in {time.perf_counter() - start:.1f}s")
+    print(f"report: {Path(out) / 'report.json'}")
+    return 0
 
 
 def _dry_run(args: argparse.Namespace, loaded: list[LoadedModel], traced: list, anchor: int, options: dict) -> int:
@@ -683,15 +697,20 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _fusion_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
-    g = p.add_argument_group("fusion (defaults: those of otfx.fuse)")
-    g.add_argument("--cost", choices=["weights", "activations"])
-    g.add_argument("--solver", choices=["emd", "lsa", "sinkhorn", "sinkhorn_torch"],
+    g = p.add_argument_group("fusion (defaults: those of otfx.FusionConfig)")
+    allowed = choices()
+    g.add_argument("--cost", choices=allowed["cost"])
+    g.add_argument("--solver", choices=allowed["solver"],
                    help="sinkhorn_torch (default): accelerated Sinkhorn; sinkhorn: POT reference; emd: exact")
     if not sweep:
         g.add_argument("--reg", type=float, help="Sinkhorn entropic regularisation (e.g. 0.06)")
-    g.add_argument("--residual", choices=["mean", "weighted_scalar", "weighted_matrix", "shared"])
-    g.add_argument("--heads", choices=["cross", "aware"])
-    g.add_argument("--qk", choices=["untied", "tied"])
+    g.add_argument("--residual", choices=allowed["residual"])
+    g.add_argument("--heads", choices=allowed["heads"])
+    g.add_argument("--qk", choices=allowed["qk"])
+    g.add_argument("--repair", action=argparse.BooleanOptionalAction, default=None,
+                   help="reset every aligned unit's mean and std to the parents' after fusing (default: with --data)")
+    g.add_argument("--anchor-free", action=argparse.BooleanOptionalAction, default=None,
+                   help="align every model to a common barycentre (MergeMany), not to the anchor")
     g.add_argument("--tokens", metavar="all|cls|window:N")
     g.add_argument("--weights", metavar="W1,W2,...", help="model weights, like 0.5,0.5")
     g.add_argument("--max-iter", type=int, help="solver iteration limit")
@@ -739,6 +758,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "style: models: [a, b], weights: [0.5, 0.5], options: {reg: 0.03}); flags given here win")
     p.add_argument("--dry-run", action="store_true", help="load and trace, print the spaces and the plan of "
                    "work; fuse and write nothing")
+    p.add_argument("--lazy", action="store_true", help="stream two HF safetensors checkpoints: trace on the meta "
+                   "device, read each tensor when needed, write each fused tensor at once (weights cost only)")
+    p.add_argument("--out-shard-size", default="5GB", metavar="SIZE", help="with --lazy: shard size (default 5GB)")
     _fusion_flags(p)
     _model_options(p)
     _common(p)

@@ -103,8 +103,8 @@ def fuse(*models, args: tuple | None = None, kwargs: dict | None = None, data=No
     inputs for activation costs and repair. Returns a new module; the inputs are not modified.
     ``fused.otfx_report`` holds per-map statistics and stage timings.
     """
-    config = FusionConfig.make(config, **options)
     data = list(data) if data is not None else None
+    config = FusionConfig.make(config, **options).resolved(data is not None)
     config.validate(len(models), data is not None)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -177,8 +177,8 @@ def align(model, to, *, args: tuple | None = None, kwargs: dict | None = None, d
     every map a permutation that respects the model's symmetries, so the result computes the same function as
     ``model`` when widths match. ``options``: fields of :class:`FusionConfig`, as for ``fuse``.
     """
-    config = FusionConfig.make(config or FusionConfig.alignment(), **options)
     data = list(data) if data is not None else None
+    config = FusionConfig.make(config or FusionConfig.alignment(), **options).resolved(data is not None)
     config.validate(2, data is not None)
     anchor, other = _analysed([to, model], args, kwargs)
     _check_inputs([anchor, other])

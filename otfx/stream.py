@@ -221,7 +221,7 @@ def fuse_checkpoints(anchor: str | Path, other: str | Path, out: str | Path, *, 
                      **options) -> Path:
     """Fuse two HF checkpoint folders into ``out`` by streaming (``otfx.fuse``'s weights-based fusion, the same
     numbers: the result equals ``fuse`` on the loaded models bit for bit). ``options``: those of ``fuse``."""
-    config = FusionConfig(weights=tuple(weights) if weights is not None else None, **options)
+    config = FusionConfig.make(weights=weights, **options).resolved(has_data=False)
     if config.needs_data():
         raise FusionError("streaming fusion reads no activations: use cost='weights' and a residual policy other "
                           "than the weighted ones, or fuse the loaded models with otfx.fuse")

@@ -77,3 +77,20 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path):
         parse_size("lots")
     assert parse_size("2GB") == 2 * 10**9 and parse_size("1MiB") == 2**20
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_cli_fuse_lazy_streams_and_matches_the_python_api(tmp_path, capsys):
+    from otfx.cli import main
+
+    fa, fb = save(llama(0), tmp_path / "a"), save(llama(1), tmp_path / "b")
+    code = main(["fuse", str(fa), str(fb), "--out", str(tmp_path / "cli"), "--lazy", "--solver", "emd",
+                 "--out-shard-size", "40KB", "--quiet"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "by streaming" in out.out
+    api = fuse_checkpoints(fa, fb, tmp_path / "api", solver="emd", shard_size="40KB")
+    for (name, p), (_, q) in zip(AutoModelForCausalLM.from_pretrained(tmp_path / "cli").named_parameters(),
+                                 AutoModelForCausalLM.from_pretrained(api).named_parameters()):
+        assert torch.equal(p, q), name
+    code = main(["fuse", str(fa), str(fb), str(fa), "--out", str(tmp_path / "three"), "--lazy", "--quiet"])
+    assert code == 2 and "exactly two" in capsys.readouterr().err

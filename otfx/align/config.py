@@ -29,15 +29,18 @@ class FusionConfig:
 
     cost: str = "weights"
     solver: str = "sinkhorn_torch"
-    reg: float = 0.06
+    #: Sinkhorn regularisation, relative to the normalised cost; None: 0.25 with repair, 0.06 without (the best
+    #: of 0.02-0.5 on validation across digits and Fashion-MNIST ViT pairs, both anchor orders: 06_quality)
+    reg: float | None = None
     residual: str = "mean"
     heads: str = "cross"
     qk: str = "untied"
     tokens: str | tuple = "all"
     weights: tuple[float, ...] | None = None
     max_iter: int = 1000
-    #: after fusing, reset every aligned unit's mean and std to the parents' (REPAIR; needs ``data``)
-    repair: bool = False
+    #: after fusing, reset every aligned unit's mean and std to the parents' (REPAIR; needs ``data``); None:
+    #: whenever ``data`` is given (one-shot accuracy 93-98% of the parents with 2 models against 60-90% without)
+    repair: bool | None = None
     #: align every model to a common barycentre (MergeMany) instead of to the first model
     anchor_free: bool = False
 
@@ -53,13 +56,20 @@ class FusionConfig:
             options["weights"] = tuple(options["weights"])
         return replace(base or cls(), **options)
 
+    def resolved(self, has_data: bool) -> FusionConfig:
+        """The configuration with its automatic choices made: ``repair`` when there is data, and ``reg``."""
+        repair = has_data if self.repair is None else self.repair
+        reg = self.reg if self.reg is not None else (0.25 if repair else 0.06)
+        return replace(self, repair=repair, reg=reg)
+
     @classmethod
     def alignment(cls, **options) -> FusionConfig:
         """The defaults of ``otfx.align``: every map a permutation that respects the model's symmetries (EMD, one
         map per residual stream, head-aware, tied queries and keys), so the aligned model keeps its function."""
-        return cls.make(cls(solver="emd", residual="shared", heads="aware", qk="tied"), **options)
+        return cls.make(cls(solver="emd", residual="shared", heads="aware", qk="tied", repair=False), **options)
 
     def validate(self, n_models: int, has_data: bool) -> None:
+        self = self.resolved(has_data)  # noqa: PLW0642 - the automatic choices are validated too
         import math
         import numbers
 

@@ -59,6 +59,8 @@ class TransportMaps:
         """``compute_dtype``: the dtype of features, costs and rewritten tensors; by default each parameter's
         own (at least float32). Plans are float64 whatever it is. ``params_anchor``/``params_other``: where
         the tensors are read from (e.g. checkpoints on disk, read when needed) instead of the traced models."""
+        if config.reg is None or config.repair is None:
+            config = config.resolved(has_data=False)  # the maps alone: no repair, the default reg without it
         self.anchor, self.other, self.config = anchor, other, config
         self.structure = PairStructure(anchor, other, config)
         self.part = self.structure.part
