@@ -4,12 +4,32 @@ Pipeline: ``trace`` -> ``analyse`` (transport spaces and the TM flow graph) -> `
 ``export_onnx`` / ``check_onnx``.
 """
 
-from otfx.align.config import FusionConfig, FusionError
-from otfx.api import analyse
-from otfx.fuse import align, ensemble, fuse, vanilla_fuse
-from otfx.inspection import inspect_model as inspect
-from otfx.symmetry import random_symmetry
-from otfx.trace import Traced, TraceError, trace
+import sys as _sys
+
+
+def _quiet_interrupt_while_importing() -> None:
+    """Run as the ``otfx`` command, a Ctrl-C while torch is still loading ends it with one line and status 130
+    instead of an import traceback; ``otfx.cli.main`` puts Python's own handler back once it starts."""
+    import os
+    import signal
+
+    def interrupted(signum, frame):
+        os.write(2, b"otfx: interrupted\n")
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, interrupted)
+
+
+_AS_COMMAND = _sys.argv[0].rsplit("/", 1)[-1] == "otfx" if _sys.argv else False
+if _AS_COMMAND or getattr(_sys, "orig_argv", [])[1:3] == ["-m", "otfx"]:
+    _quiet_interrupt_while_importing()
+
+from otfx.align.config import FusionConfig, FusionError  # noqa: E402 - after the interrupt guard
+from otfx.api import analyse  # noqa: E402 - after the interrupt guard
+from otfx.fuse import align, ensemble, fuse, vanilla_fuse  # noqa: E402 - after the interrupt guard
+from otfx.inspection import inspect_model as inspect  # noqa: E402 - after the interrupt guard
+from otfx.symmetry import random_symmetry  # noqa: E402 - after the interrupt guard
+from otfx.trace import Traced, TraceError, trace  # noqa: E402 - after the interrupt guard
 
 __version__ = "0.1.0"
 

@@ -12,6 +12,7 @@ import importlib
 import inspect
 import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -888,6 +889,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status: 0 ok, 1 a run or check failed, 2 unusable input or
     options, 130 interrupted (SIGINT), 128 + N killed by signal N (SIGTERM: 143). Temporary outputs are removed
     on every way out."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on a Ctrl-C is a KeyboardInterrupt
     try:
         parser = build_parser()
         argv = list(sys.argv[1:] if argv is None else argv)

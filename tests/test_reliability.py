@@ -230,6 +230,18 @@ def test_sigint_gives_one_line_and_status_130(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err, err
 
 
+@pytest.mark.parametrize("delay", [0.05, 0.4])
+def test_sigint_while_otfx_is_still_importing_gives_one_line_and_130(tmp_path, delay):
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "otfx", "inspect", "otfx.testing:bert"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+    time.sleep(delay)  # torch and transformers take seconds to import here
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in err, err
+
+
 class SlowBranch(nn.Module):
     """Data-dependent control flow, and slow enough to be interrupted."""
 
