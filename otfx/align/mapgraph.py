@@ -115,9 +115,11 @@ def _drop_self_feeding_producers(g: nx.DiGraph, s: PairStructure, order: list[in
         if data["kind"] not in ("solve", "heads"):
             continue
         kept = []
+        # what is computed from this class; dropping edges into it below never changes that set
+        downstream = nx.descendants(g, root) | {root}
         for p in data["producers"]:
             deps = [u for u, _, e in g.in_edges(root, data=True) if e["kind"] == "rows" and p.fqn in e["producers"]]
-            if any(u == root or nx.has_path(g, root, u) for u in deps):
+            if any(u in downstream for u in deps):
                 for u in deps:
                     e = g.edges[u, root]
                     e["producers"].discard(p.fqn)

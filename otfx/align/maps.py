@@ -79,6 +79,7 @@ class TransportMaps:
         self.recomputed = 0  # plans computed again after their release (the graph's order makes it 0)
         self._released: set[int] = set()
         self._graphs: dict[tuple[str, ...], nx.DiGraph] = {}
+        self._current: nx.DiGraph | None = None
 
     # ---- the pair's structure -------------------------------------------------------------------------
     acts_anchor = property(lambda self: self.acts.anchor)
@@ -109,14 +110,17 @@ class TransportMaps:
 
     @property
     def graph(self) -> nx.DiGraph:
-        """The map graph of every parameter of the anchor."""
-        return self.graph_for(unique_params(self.anchor))
+        """The map graph of every parameter of the anchor (the last graph ``run`` evaluated, if any)."""
+        if self._current is None:
+            self._current = self.graph_for(unique_params(self.anchor))
+        return self._current
 
     def graph_for(self, names: list[str]) -> nx.DiGraph:
         key = tuple(names)
         if key not in self._graphs:
             self._graphs[key] = build_map_graph(self.structure, names, self.costs.reads_rows)
-        return self._graphs[key]
+        self._current = self._graphs[key]
+        return self._current
 
     def activation_nodes(self) -> list[tuple[str, tuple[int, ...]]]:
         """The graph nodes whose activations this alignment reads: the cost provider's for the solved classes,
