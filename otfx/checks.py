@@ -251,15 +251,19 @@ def _first_line(err: BaseException) -> str:
 _USER_CODE = re.compile(r'File "(?P<file>[^"\n]+)", line (?P<line>\d+), in (?P<fn>\w+)\n\s*(?P<code>[^\n]*)')
 
 
-def own_error(err: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """The first exception of ``kind`` in ``err``'s chain of causes (torch wraps errors raised in hooks)."""
-    seen = set()
+def error_chain(err: BaseException | None) -> list[BaseException]:
+    """``err`` and its causes (or, without a cause, the exception it was raised while handling), in order."""
+    chain, seen = [], set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, kind):
-            return err
+        chain.append(err)
         seen.add(id(err))
         err = err.__cause__ or err.__context__
-    return None
+    return chain
+
+
+def own_error(err: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of ``kind`` in ``err``'s chain of causes (torch wraps errors raised in hooks)."""
+    return next((e for e in error_chain(err) if isinstance(e, kind)), None)
 
 
 def explain_trace_error(err: BaseException) -> str | None:
@@ -268,11 +272,7 @@ def explain_trace_error(err: BaseException) -> str | None:
     ours = own_error(err, ModelInputError)
     if ours is not None:
         return str(ours)
-    chain, seen = [], set()
-    while err is not None and id(err) not in seen:  # the user's line is in torch's own error, under ours
-        chain.append(err)
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
+    chain = error_chain(err)  # the user's line is in torch's own error, under ours
     text = "\n".join(str(e) for e in chain)
     if "data-dependent" in text or any("DataDependent" in type(e).__name__ for e in chain):
         err = chain[-1]

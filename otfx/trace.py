@@ -107,7 +107,7 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, nam
             with checks.embedding_guards(model, name), checks.quiet_export():
                 program = torch.export.export(wrapper, args, kwargs, strict=False)
         except Exception as err:  # torch.export raises many types; all get the same advice
-            if (chosen := _selection_error(err)) is not None:  # the fix is output=, not the export advice
+            if (chosen := checks.own_error(err, OutputSelectionError)) is not None:  # the fix is output=
                 raise chosen from None
             if (ours := checks.own_error(err, checks.ModelInputError)) is not None:  # float ids into an embedding
                 raise ours from None
@@ -135,17 +135,6 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, nam
         elif kind == "USER_INPUT":
             traced.user_inputs.append(arg)
     return traced
-
-
-def _selection_error(err: BaseException) -> OutputSelectionError | None:
-    """The output-selection error behind an export failure, if that is what it was (torch may wrap it)."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OutputSelectionError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
 
 
 def clone_model(model: nn.Module) -> nn.Module:

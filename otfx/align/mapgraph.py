@@ -12,6 +12,8 @@ that feeds itself) is left out of that class's cost, and any other cycle is an e
 
 from __future__ import annotations
 
+from collections import deque
+
 import networkx as nx
 
 from otfx.align.config import FusionError
@@ -22,9 +24,9 @@ def build_map_graph(s: PairStructure, names: list[str], reads_rows: bool) -> nx.
     """The map graph of the classes that the rewrite of ``names`` needs (and those they are computed from)."""
     g = nx.DiGraph()
     owners = _head_owners(s)
-    todo = [s.root(sid) for fqn in names for sid in s.anchor.param_axes[fqn] if not s.trivial(s.root(sid))]
+    todo = deque(s.root(sid) for fqn in names for sid in s.anchor.param_axes[fqn] if not s.trivial(s.root(sid)))
     while todo:
-        root = todo.pop(0)
+        root = todo.popleft()
         if root in g and "kind" in g.nodes[root]:
             continue
         kind, deps, attrs = _node(s, root, owners, reads_rows)

@@ -162,11 +162,10 @@ class TransportMaps:
         g = self.graph_for(names)
         rank = {root: i for i, root in enumerate(todo_order(self.structure, g, names))}
         waiting: dict[int, list[str]] = defaultdict(list)
-        pending: dict[str, set[int]] = {}
         refs: dict[int, int] = {root: g.out_degree(root) for root in g}
-        for fqn in names:
-            roots = {self.root(sid) for sid in self.anchor.param_axes[fqn]} & set(g)
-            pending[fqn] = {r for r in roots if r not in self.maps}
+        roots_of = {fqn: {self.root(sid) for sid in self.anchor.param_axes[fqn]} & g.nodes.keys() for fqn in names}
+        pending = {fqn: {r for r in roots if r not in self.maps} for fqn, roots in roots_of.items()}
+        for fqn, roots in roots_of.items():
             for r in roots:
                 waiting[r].append(fqn)
                 refs[r] += 1
@@ -182,7 +181,7 @@ class TransportMaps:
         def dispatch(ready: list[str]) -> None:
             for fqn in sorted(ready, key=index.__getitem__):
                 sink(fqn, self.rewriter.aligned(fqn))
-                for r in {self.root(sid) for sid in self.anchor.param_axes[fqn]} & set(g):
+                for r in roots_of[fqn]:
                     done(r)
 
         try:
