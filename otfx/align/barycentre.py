@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from otfx.align.config import FusionError
+from otfx.align.config import normalised_weights as _weights
 from otfx.infer.result import Inference
 from otfx.trace import Traced
 
@@ -67,9 +68,7 @@ def barycentre_align(*models, args: tuple | None = None, kwargs: dict | None = N
     if len(models) < 2:
         raise FusionError(f"anchor-free fusion needs at least two models, got {len(models)}")
     args, kwargs = _example(models, args, kwargs)
-    w = [1.0] * len(models) if weights is None else [float(x) for x in weights]
-    if len(w) != len(models) or sum(w) <= 0 or any(x < 0 for x in w):
-        raise FusionError(f"weights must be {len(models)} non-negative numbers with a positive sum, got {w}")
+    w = _weights(weights, len(models))
     if data is not None:
         align_options["data"] = list(data)
     current = [copy.deepcopy(_module(m)) for m in models]
@@ -105,8 +104,7 @@ def anchor_free_fuse(*models, args: tuple | None = None, kwargs: dict | None = N
     ``otfx.align.repair.repair(..., aligned=...)``)."""
     aligned = barycentre_align(*models, args=args, kwargs=kwargs, weights=weights, max_iter=max_iter, data=data,
                                **align_options)
-    w = [1.0] * len(models) if weights is None else [float(x) for x in weights]
-    fused = average(aligned, [x / sum(w) for x in w])
+    fused = average(aligned, _weights(weights, len(models)))
     fused.otfx_report = {"anchor_free": aligned[0].otfx_report["anchor_free"]}
     fused.otfx_aligned = aligned
     return fused

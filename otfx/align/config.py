@@ -73,15 +73,6 @@ class FusionConfig:
         import math
         import numbers
 
-        def finite_non_negative(w) -> bool:  # a Python, numpy or 0-d torch scalar, finite and >= 0
-            if isinstance(w, (bool, str)):
-                return False
-            try:
-                value = float(w)
-            except (TypeError, ValueError, RuntimeError):
-                return False
-            return math.isfinite(value) and value >= 0
-
         for name, allowed in choices().items():
             if getattr(self, name) not in allowed:
                 raise FusionError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -99,16 +90,21 @@ class FusionConfig:
             what = (f"cost={self.cost!r}" if self.cost_needs_data() else "repair=True" if self.repair
                     else f"residual={self.residual!r}")
             raise FusionError(f"{what} needs data: pass data=[batch, ...] with inputs shaped like the example args")
-        if self.weights is not None:
-            if len(self.weights) != n_models:
-                raise FusionError(f"weights has {len(self.weights)} entries for {n_models} models")
-            bad = [i for i, w in enumerate(self.weights) if not finite_non_negative(w)]
-            if bad:
-                raise FusionError(f"weights[{bad[0]}] = {self.weights[bad[0]]!r}: every weight must be a finite "
-                                  f"non-negative number, got {list(self.weights)}")
-            if sum(self.weights) <= 0:
-                raise FusionError(f"weights must have a positive sum, got {list(self.weights)}")
+        self.check_weights(n_models)
         token_filter(self.tokens)
+
+    def check_weights(self, n_models: int) -> None:
+        """``weights``: None, or one finite non-negative number per model with a positive sum."""
+        if self.weights is None:
+            return
+        if len(self.weights) != n_models:
+            raise FusionError(f"weights has {len(self.weights)} entries for {n_models} models")
+        bad = [i for i, w in enumerate(self.weights) if not _finite_non_negative(w)]
+        if bad:
+            raise FusionError(f"weights[{bad[0]}] = {self.weights[bad[0]]!r}: every weight must be a finite "
+                              f"non-negative number, got {list(self.weights)}")
+        if sum(self.weights) <= 0:
+            raise FusionError(f"weights must have a positive sum, got {list(self.weights)}")
 
     def cost_needs_data(self) -> bool:
         from otfx.align.costs import COSTS, cost_names
@@ -142,6 +138,26 @@ class FusionConfig:
         if self.qk == "tied":
             kinds.add("contract")
         return kinds
+
+
+def normalised_weights(weights, n_models: int) -> list[float]:
+    """Per-model weights checked as ``FusionConfig`` checks them and summing to 1 (uniform when None)."""
+    config = FusionConfig.make(weights=weights)
+    config.check_weights(n_models)
+    return config.model_weights(n_models)
+
+
+def _finite_non_negative(w) -> bool:
+    """A Python, numpy or 0-d torch scalar, finite and >= 0."""
+    import math
+
+    if isinstance(w, (bool, str)):
+        return False
+    try:
+        value = float(w)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return math.isfinite(value) and value >= 0
 
 
 def token_filter(tokens) -> tuple[str, int]:

@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from otfx.align.activations import batches_like
 from otfx.align.config import FusionError
+from otfx.align.config import normalised_weights as _weights
 from otfx.infer.result import Inference
 from otfx.trace import Traced, trace
 
@@ -185,10 +186,7 @@ def repair(fused: nn.Module, parents: Sequence, data, weights: Sequence[float] |
         raise FusionError("repair needs the parents (anchor first)")
     anchor = _traced(parents[0], args, kwargs)
     data = list(data)
-    w = [1.0] * len(parents) if weights is None else [float(x) for x in weights]
-    if len(w) != len(parents) or sum(w) <= 0 or any(x < 0 for x in w):
-        raise FusionError(f"weights must be {len(parents)} non-negative numbers with a positive sum, got {w}")
-    w = [x / sum(w) for x in w]
+    w = _weights(weights, len(parents))
     if aligned is None:
         aligned = [anchor] + [align(p, to=anchor) for p in parents[1:]]
     if len(aligned) != len(parents):
