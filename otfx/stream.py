@@ -9,6 +9,7 @@ handed to the output shard at once. The output is an HF folder (sharded safetens
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import time
@@ -29,18 +30,16 @@ from otfx.io.report import write_report
 from otfx.trace import trace
 
 INDEX = "model.safetensors.index.json"
-_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-           torch.bool: "BOOL"}
 _FROM_NAME = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+              "BOOL": torch.bool}  # safetensors' dtype names
+_DTYPES = {dtype: name for name, dtype in _FROM_NAME.items()}
 _WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack)$|.*\.index\.json$")
 
 
 class Checkpoint(Mapping):
     """The tensors of an HF folder's safetensors (one file or shards with an index), each read on its own with
-    one ``pread`` at the offset its header gives; ``aliases`` maps a parameter name to the stored name of its
+    one read at the offset its header gives; ``aliases`` maps a parameter name to the stored name of its
     tied group. Not memory-mapped: pages of a mapped file count in the process's resident set, so reading
     through two mapped checkpoints grows it by their whole size (measured: 3.2x one checkpoint's size at 0.85B
     parameters), while read pages stay in the kernel's cache."""
@@ -169,10 +168,7 @@ class ShardWriter:
 
 
 def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
-    count = 1
-    for d in shape:
-        count *= d
-    return count * torch.empty((), dtype=_FROM_NAME[dtype]).element_size()
+    return math.prod(shape) * _FROM_NAME[dtype].itemsize
 
 
 def parse_size(text: str | int) -> int:
@@ -241,7 +237,6 @@ def fuse_checkpoints(anchor: str | Path, other: str | Path, out: str | Path, *, 
     groups = {name: g for g in tied_groups(models[0]) for name in g}
     with atomic_dir(out, overwrite, inputs=[anchor, other], command="otfx.stream.fuse_checkpoints") as tmp:
         writer = ShardWriter(tmp, readers[0].specs(), parse_size(shard_size))
-        written: set[str] = set()
         maps = TransportMaps(*inferences, config, params_anchor=readers[0], params_other=readers[1])
         maps.release = True
 
@@ -252,12 +247,11 @@ def fuse_checkpoints(anchor: str | Path, other: str | Path, out: str | Path, *, 
             for name in groups.get(fqn, [fqn]):
                 if name in readers[0].files:
                     writer.add(name, dest)
-                    written.add(name)
 
         with torch.no_grad():
             rewrite_params(maps, sink)
         for name in readers[0].files:  # buffers and anything else the anchor stores, as it is
-            if name not in written:
+            if name not in writer.written:
                 writer.add(name, readers[0][name])
         writer.close()
         for item in Path(anchor).iterdir():
