@@ -211,10 +211,9 @@ def _call_fuse(fuse: Callable, traced: list, anchor: int, options: dict, data) -
     return fuse(*models, **options)
 
 
-def _effective_options(fuse: Callable, options: dict) -> dict:
+def _effective_options(options: dict) -> dict:
     """The given options over FusionConfig's defaults."""
-    defaults = {f.name: getattr(FusionConfig(), f.name) for f in fields(FusionConfig) if f.name in FUSE_OPTIONS}
-    return {**defaults, **options}
+    return {**{f.name: f.default for f in fields(FusionConfig)}, **options}
 
 
 def _anchor_index(args: argparse.Namespace, n: int) -> int:
@@ -335,13 +334,13 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     with report.stage("trace"):
         traced = _trace_all(loaded, example, console)
     if args.dry_run:
-        return _dry_run(args, loaded, traced, anchor, _effective_options(fuse, options))
+        return _dry_run(args, loaded, traced, anchor, _effective_options(options))
     console.say(f"fusing {n} x {type(loaded[anchor].model).__name__} (anchor {anchor}: {loaded[anchor].source})")
     with report.stage("fuse"):
         fused = _fuse_quietly(lambda: _call_fuse(fuse, traced, anchor, options, data))
     check_finite_output(fused, example, name="the fused model", output=getattr(traced[anchor], "output", None))
     resolved = (getattr(fused, "otfx_report", None) or {}).get("config") or {}  # the choices fuse made (reg, ...)
-    effective = {**_effective_options(fuse, options), **{k: v for k, v in resolved.items() if k in FUSE_OPTIONS}}
+    effective = {**_effective_options(options), **{k: v for k, v in resolved.items() if k in FUSE_OPTIONS}}
     report.config = {"options": effective, "given": options, "anchor": anchor,
                      "data": args.data, "inputs": [list(t.shape) for t in example],
                      "input_dtypes": [str(t.dtype) for t in example]}
@@ -511,7 +510,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     best = (max if metric == "accuracy" else min)(scored, key=lambda r: r[metric])
     table = _sweep_table(rows, metric, baselines, best)
     print(table)
-    swept = {**_effective_options(fuse, options), "reg": regs}  # every reg tried; the best one is in "best"
+    swept = {**_effective_options(options), "reg": regs}  # every reg tried; the best one is in "best"
     result = {"metric": metric, "rows": rows, "best": best, "baselines": baselines, "models": list(args.models),
               "options": swept, "eval": args.eval, "data": args.data}
 
