@@ -90,7 +90,9 @@ class Pair:
     def fuse(self, options: dict, reg):
         solver = {"solver": "emd"} if reg == "emd" else {"solver": "sinkhorn_torch", "reg": reg}
         data = self.data if options.get("cost", "weights") != "weights" else None
-        return otfx.fuse(*self.traced, data=data, **solver, **options).eval()
+        # repair=False: the "plain" rows are the maps alone (fuse repairs by default when it is given data);
+        # the "repair" rows repair the same fused model explicitly
+        return otfx.fuse(*self.traced, data=data, repair=False, **solver, **options).eval()
 
     def choose(self, options: dict, regs: Sequence = REGS, keep: Sequence = ()) -> dict:
         """Fuse with each reg, without and with REPAIR (of the same fused model); for each, keep the reg that is

@@ -205,6 +205,7 @@ def run_variant(variant: Variant, models: Sequence[nn.Module], traced: Sequence[
             if data is None:
                 raise ValueError(f"variant {variant.name!r} needs activation data")
             options["data"] = data
+            options.setdefault("repair", False)  # the paper's method, as the pages report it (fuse repairs with data)
         model = otfx.fuse(*traced, **options)
     else:
         raise ValueError(f"variant {variant.name!r}: unknown kind {variant.kind!r}")
