@@ -30,7 +30,7 @@ from .data import Split, cache_root
 
 __all__ = [
     "IMAGE_GEOMETRY", "Curve", "vit_config", "build_vit", "bert_mlm_config", "build_bert_mlm",
-    "warmup_cosine", "train_classifier", "finetune", "evaluate_accuracy", "mlm_loss", "train_mlm",
+    "warmup_cosine", "train_classifier", "Plateau", "train_to_plateau", "finetune", "evaluate_accuracy", "mlm_loss", "train_mlm",
     "evaluate_mlm_loss", "parent_key", "cached_parent",
 ]
 
@@ -215,6 +215,89 @@ def train_classifier(model: nn.Module, split: Split, *, epochs: float, seed: int
     return model
 
 
+@dataclass(frozen=True)
+class Plateau:
+    """When :func:`train_to_plateau` lowers the learning rate and when it stops (every field goes into a cache key).
+
+    After a linear warm-up of ``warmup_epochs``, the learning rate stays at ``lr`` until the validation accuracy
+    has not beaten its best by ``min_delta`` for ``patience`` epochs; it is then multiplied by ``factor``
+    (reduce on plateau). The next plateau after ``reductions`` such cuts, or ``max_epochs``, ends training.
+    """
+
+    lr: float = 2e-3
+    wd: float = 0.05
+    batch: int = 128
+    warmup_epochs: float = 1.0
+    patience: int = 2
+    min_delta: float = 0.001
+    factor: float = 0.3
+    reductions: int = 3
+    max_epochs: int = 40
+    clip: float | None = 1.0
+
+
+def train_to_plateau(model: nn.Module, split: Split, *, seed: int, plateau: Plateau = Plateau(),
+                     progress: bool | str = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Train until the validation accuracy stops improving (see :class:`Plateau`); keep the best-on-validation
+    weights. ``seed`` fixes the batch order.
+
+    Returns ``(model, history)``: per epoch the validation accuracy, mean training loss and learning rate, the
+    best epoch and the optimiser steps up to it (``best_steps``: the parent's training length) and in all.
+    """
+    import copy
+
+    p = plateau
+    per_epoch = math.ceil(len(split.y_train) / p.batch)
+    warmup = max(1, round(p.warmup_epochs * per_epoch))
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    opt = _adamw(model, p.lr, p.wd)
+    idx = _batches(len(split.y_train), p.batch, gen)
+    history: dict[str, Any] = {"epoch": [], "val": [], "train_loss": [], "lr": [], "cuts": []}
+    best, best_state, best_epoch, stale, cuts, scale, step = -1.0, None, 0, 0, 0, 1.0, 0
+    bar = tqdm(total=p.max_epochs * per_epoch, disable=not progress,
+               desc=progress if isinstance(progress, str) else "train", leave=False, mininterval=2.0)
+    for epoch in range(1, p.max_epochs + 1):
+        model.train()
+        losses = []
+        for _ in range(per_epoch):
+            step += 1
+            lr = p.lr * scale * min(1.0, step / warmup)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            b = next(idx)
+            loss = F.cross_entropy(_logits(model, split.x_train[b]), split.y_train[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if p.clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), p.clip)
+            opt.step()
+            losses.append(loss.detach().item())
+            bar.update()
+        val = evaluate_accuracy(model, split.x_val, split.y_val)
+        for key, value in (("epoch", epoch), ("val", val), ("train_loss", sum(losses) / len(losses)), ("lr", lr)):
+            history[key].append(value)
+        bar.set_postfix(val=f"{100 * val:.2f}", lr=f"{lr:.1e}", refresh=False)
+        if val > best + p.min_delta:
+            best, best_epoch, stale = val, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+        if stale >= p.patience:
+            if cuts == p.reductions:
+                break
+            cuts, scale, stale = cuts + 1, scale * p.factor, 0
+            history["cuts"].append(epoch)
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    history.update(best_epoch=best_epoch, best_val=best, best_steps=best_epoch * per_epoch, total_steps=step,
+                   steps_per_epoch=per_epoch, stopped="plateau" if len(history["epoch"]) < p.max_epochs or
+                   stale >= p.patience else "max_epochs")
+    model.eval()
+    return model, history
+
+
 def finetune(model: nn.Module, split: Split, *, steps: int, seed: int, lr: float = 1e-3, wd: float = 0.05,
              batch: int = 128, warmup: float = 0.1, clip: float | None = 1.0, eval_at: Sequence[int] = (),
              eval_parts: Sequence[str] = ("val", "test"), progress: bool | str = True,
@@ -319,7 +402,8 @@ def cached_parent(name: str, build_fn: Callable[[], nn.Module],
     The cache key is ``name`` plus a hash of the model class, its config, ``seed`` and ``extra``: put every
     training hyper-parameter that is not in ``name`` (epochs, lr, data, tokenizer hash...) in ``extra``.
     ``build_fn()`` must return the untrained model (it is called on cache hits too, to know the config);
-    ``train_fn(model)`` trains it in place or returns the trained model. Default folder:
+    ``train_fn(model)`` trains it in place or returns the trained model, or ``(model, info)`` with a JSON-able
+    ``info`` kept in ``meta.json`` as ``"train_info"``. Default folder:
     ``cache_root() / "parents"``. Returns the model in eval mode.
     """
     model = build_fn()
@@ -330,6 +414,9 @@ def cached_parent(name: str, build_fn: Callable[[], nn.Module],
             return type(model).from_pretrained(path).eval()
     t0 = time.perf_counter()
     trained = train_fn(model)
+    info = None
+    if isinstance(trained, tuple):  # (model, JSON-able training record)
+        trained, info = trained
     trained = model if trained is None else trained
     seconds = time.perf_counter() - t0
     root.mkdir(parents=True, exist_ok=True)
@@ -339,6 +426,8 @@ def cached_parent(name: str, build_fn: Callable[[], nn.Module],
         trained.save_pretrained(tmp)  # safetensors
     meta = {"name": name, "seed": seed, "extra": dict(extra or {}), "train_seconds": round(seconds, 2),
             "class": type(trained).__name__}
+    if info is not None:
+        meta["train_info"] = info
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
     try:
         tmp.rename(path)
