@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "parent of the same seed, chosen on validation (or, harder, the better one on test).", "",
         "## The claim", "",
         *(_verdict(n, gaps_val[n]) for n in FUSED),
-        f"- against the better continued parent on *test* (the harder bar): "
+        "- against the better continued parent on *test* (the harder bar): "
         + "; ".join(f"{n} {100 * R.mean_std(gaps_test[n])[0]:+.2f}" for n in FUSED), "",
         f"Best fused model on validation after finetuning: {best_fused}. Parents as trained: "
         f"{R.fmt_list(parents_test)} test; their output ensemble {R.fmt_acc(ens_test)} test "

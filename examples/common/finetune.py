@@ -24,10 +24,11 @@ def _plateau_extra(split: Split, plateau: Plateau) -> dict[str, Any]:
             "split_rows": int(rows.sum()) if rows is not None else None}
 
 
-def plateau_parent(split: Split, spec: ViTSpec, seed: int, plateau: Plateau = Plateau(), *,
+def plateau_parent(split: Split, spec: ViTSpec, seed: int, plateau: Plateau | None = None, *,
                    progress: bool | str = True) -> tuple[nn.Module, dict[str, Any]]:
     """A ViT parent (init and batch order from ``seed``) trained by :func:`~.train.train_to_plateau` once and
     cached; returns ``(model, history)``, the history (validation curve, best epoch, steps) from the cache."""
+    plateau = plateau or Plateau()
     name = spec.name + "-plateau"
     extra = _plateau_extra(split, plateau)
     label = progress if isinstance(progress, str) else (f"train {name} seed {seed}" if progress else False)

@@ -30,8 +30,8 @@ from .data import Split, cache_root
 
 __all__ = [
     "IMAGE_GEOMETRY", "Curve", "vit_config", "build_vit", "bert_mlm_config", "build_bert_mlm",
-    "warmup_cosine", "train_classifier", "Plateau", "train_to_plateau", "finetune", "evaluate_accuracy", "mlm_loss", "train_mlm",
-    "evaluate_mlm_loss", "parent_key", "cached_parent",
+    "warmup_cosine", "train_classifier", "Plateau", "train_to_plateau", "finetune", "evaluate_accuracy", "mlm_loss",
+    "train_mlm", "evaluate_mlm_loss", "parent_key", "cached_parent",
 ]
 
 # data set -> (image size, patch size, channels)
@@ -236,7 +236,7 @@ class Plateau:
     clip: float | None = 1.0
 
 
-def train_to_plateau(model: nn.Module, split: Split, *, seed: int, plateau: Plateau = Plateau(),
+def train_to_plateau(model: nn.Module, split: Split, *, seed: int, plateau: Plateau | None = None,
                      progress: bool | str = True) -> tuple[nn.Module, dict[str, Any]]:
     """Train until the validation accuracy stops improving (see :class:`Plateau`); keep the best-on-validation
     weights. ``seed`` fixes the batch order.
@@ -246,7 +246,7 @@ def train_to_plateau(model: nn.Module, split: Split, *, seed: int, plateau: Plat
     """
     import copy
 
-    p = plateau
+    p = plateau or Plateau()
     per_epoch = math.ceil(len(split.y_train) / p.batch)
     warmup = max(1, round(p.warmup_epochs * per_epoch))
     gen = torch.Generator().manual_seed(seed)
