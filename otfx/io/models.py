@@ -2,7 +2,11 @@
 
 A spec is one of:
 
-* a Hugging Face folder (``config.json`` + weights, from ``save_pretrained``);
+* a Hugging Face folder (``config.json`` + ``model.safetensors``, sharded safetensors with their index, or
+  ``pytorch_model.bin``), loaded by transformers' ``from_pretrained``; a config without ``model_type`` or naming a
+  class transformers lacks gets the class whose parameters fit the stored tensors (:mod:`otfx.io.checkpoints`);
+* a sentence-transformers folder (``modules.json`` naming the Transformer module's folder, or its root);
+* a zip archive holding one of these;
 * a folder written by :func:`save_model` for a non-Hugging-Face model (``otfx-model.json`` + ``model.safetensors``);
 * ``timm:<name>``, built by ``timm.create_model(name, pretrained=False, **kwargs)``, weights from a checkpoint;
 * ``package.module:factory``, built by calling the factory with kwargs, weights (optionally) from a checkpoint.
@@ -10,10 +14,12 @@ A spec is one of:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +28,8 @@ import torch
 from torch import nn
 
 from otfx.io import OtfxInputError
+from otfx.io import checkpoints as ckpts
+from otfx.io.checkpoints import SentenceModules
 from otfx.io.output import atomic_dir, atomic_file
 
 #: written next to the weights of every model that :func:`save_model` saves
@@ -31,7 +39,8 @@ _FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_
 _DTYPES = {"float": torch.float32, "float32": torch.float32, "float16": torch.float16, "half": torch.float16,
            "bfloat16": torch.bfloat16, "float64": torch.float64, "double": torch.float64, "long": torch.long,
            "int64": torch.long, "int": torch.long, "int32": torch.int32, "bool": torch.bool}
-_HOW = ("give a Hugging Face folder (save_pretrained), a folder written by 'otfx fuse', "
+_HOW = ("give a Hugging Face folder (save_pretrained), a sentence-transformers folder, a zip of one, a folder "
+        "written by 'otfx fuse', "
         "'timm:<name> --checkpoint FILE' or 'package.module:factory [--checkpoint FILE]'")
 
 
@@ -75,6 +84,8 @@ class LoadedModel:
     inputs: InputSpec | None = None
     paths: list[Path] = field(default_factory=list)  # the files and folders read, never to be written
     notes: list[str] = field(default_factory=list)  # things the user should know (random weights, ...)
+    sentence: SentenceModules | None = None  # the sentence-transformers pipeline around a Hugging Face model
+    keep: Any = field(default=None, repr=False)  # what must live as long as the model (an extracted zip)
 
     @property
     def name(self) -> str:
@@ -92,7 +103,9 @@ def load_model(spec: str | Path, checkpoint: str | Path | None = None, model_kwa
 
     Loading is strict: a checkpoint that lacks tensors of the model, or holds tensors it does not have, is an
     error (Hugging Face folders included, where transformers would initialise the missing ones at random);
-    ``allow_missing`` accepts both and records them in ``notes``.
+    ``allow_missing`` accepts both and records them in ``notes``. One exception: stored tensors that the class
+    named by a Hugging Face ``config.json`` has no place for (ALBERT's unused pooler) are left out with a note.
+    For Hugging Face folders ``model_kwargs`` override fields of the config (``model_type`` among them).
     """
     spec = str(spec)
     kwargs = _parse_kwargs(model_kwargs)
@@ -102,6 +115,10 @@ def load_model(spec: str | Path, checkpoint: str | Path | None = None, model_kwa
     elif path.exists():
         if path.is_dir():
             loaded = _load_folder(path, checkpoint, kwargs, allow_missing)
+        elif path.suffix.lower() in (".zip", ".whl"):  # a wheel is a zip; one that ships one model loads
+            keep, inner = ckpts.extract_zip(path)
+            loaded = _load_folder(inner, checkpoint, kwargs, allow_missing)
+            loaded.keep, loaded.source, loaded.paths = keep, str(path), [path]
         else:
             raise OtfxInputError(f"{path} is a file, not a model; {_HOW} (a weights file goes after --checkpoint)")
     elif _FACTORY.match(spec):
@@ -150,8 +167,15 @@ def _read_json(path: Path) -> dict:
 
 def _load_folder(path: Path, checkpoint: str | Path | None, kwargs: dict, allow_missing: bool) -> LoadedModel:
     meta = _read_json(path / META_FILE) if (path / META_FILE).is_file() else None
-    if (path / "config.json").is_file():
-        loaded = _load_hf(path, allow_missing)
+    if (path / ckpts.MODULES_FILE).is_file():
+        sentence = ckpts.sentence_modules(path)
+        loaded = _load_hf(path / sentence.transformer_path, allow_missing, kwargs)
+        loaded.sentence, loaded.source, loaded.paths = sentence, str(path), [path]
+        loaded.notes += [f"{path}: sentence-transformers module {m} has weights of its own; it is not part of the "
+                         "transformer, not fused, and a saved fused model carries the anchor's copy"
+                         for m in sentence.unfused]
+    elif (path / "config.json").is_file():
+        loaded = _load_hf(path, allow_missing, kwargs)
     elif meta is not None:
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
@@ -169,59 +193,90 @@ def _load_folder(path: Path, checkpoint: str | Path | None, kwargs: dict, allow_
     else:
         found = sorted(p.name for p in path.iterdir())
         held = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "") or "nothing"
-        raise OtfxInputError(f"folder {path} is not a model: it has no config.json (Hugging Face save_pretrained) "
-                             f"and no {META_FILE} (written by otfx fuse); it holds {held}. {_HOW}")
+        raise OtfxInputError(f"folder {path} is not a model: it has no config.json (Hugging Face save_pretrained), "
+                             f"no {ckpts.MODULES_FILE} (sentence-transformers) and no {META_FILE} (written by otfx "
+                             f"fuse); it holds {held}. {_HOW}")
     if meta is not None and meta.get("inputs"):
         loaded.inputs = InputSpec(tuple(meta["inputs"]["shape"]), meta["inputs"].get("dtype", "float"),
                                   meta["inputs"].get("high"))
     return loaded
 
 
-def _load_hf(path: Path, allow_missing: bool = False) -> LoadedModel:
+def _load_hf(path: Path, allow_missing: bool = False, overrides: dict | None = None) -> LoadedModel:
     try:
         import transformers
-        from transformers import AutoConfig
     except ImportError:
         raise OtfxInputError(f"{path} is a Hugging Face folder, but transformers is not installed") from None
+    overrides = dict(overrides or {})
+    files = ckpts.weight_files(path)
+    names: list[str] | None = None
+    raw = _read_json(path / "config.json")
+    if "model_type" not in raw and "model_type" not in overrides:
+        names = ckpts.tensor_names(files)
+    with _hf_errors_only():  # its warnings about configs and candidate classes are replaced by our notes
+        config, note = ckpts.read_config(path, names, overrides)
+    notes = [note] if note else []
+    wanted = overrides.get("architecture") or next(iter(getattr(config, "architectures", None) or []), None)
+    cls = getattr(transformers, wanted, None) if wanted else None
+    named = cls is not None
+    if wanted and cls is None and "architecture" in overrides:
+        raise OtfxInputError(f"transformers {transformers.__version__} has no class {wanted!r} (architecture=)")
+    if cls is None:  # no class named, or one transformers lacks (a project's own subclass): fit it by the weights
+        names = names if names is not None else ckpts.tensor_names(files)
+        with _hf_errors_only():
+            cls, missing, extra = ckpts.choose_class(config, names)
+        why = (f"config.json names architecture {wanted!r}, which transformers {transformers.__version__} does not "
+               "have" if wanted else "config.json names no architecture")
+        notes.append(f"{path}: {why}; loaded as {cls.__name__}, the class its weights fit best")
+        if (missing or extra) and not allow_missing:
+            raise OtfxInputError(f"{path}: {why}, and no class fits its weights; the best, {cls.__name__}, leaves "
+                                 f"{_fit_misfits(missing, extra)}. Pass --allow-missing (allow_missing=True) to load "
+                                 f"it as {cls.__name__} anyway, or model_kwargs={{\"architecture\": ...}}")
     try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as err:  # transformers raises OSError, ValueError, KeyError for broken configs
-        raise OtfxInputError(f"cannot read the Hugging Face config in {path}: {_first_line(err)}") from None
-    names = list(getattr(config, "architectures", None) or [])
-    cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
-    if cls is None:
-        if names:
-            raise OtfxInputError(f"{path / 'config.json'} names architecture {names[0]!r}, which this transformers "
-                                 f"({transformers.__version__}) does not have; upgrade transformers or re-save the "
-                                 "model")
-        cls = transformers.AutoModel
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its load report is replaced by ours (an error unless allow_missing)
-    try:
-        model, info = cls.from_pretrained(path, output_loading_info=True)
+        with _hf_errors_only():  # its load report is replaced by ours (an error unless allow_missing)
+            model, info = cls.from_pretrained(path, config=config, output_loading_info=True)
     except Exception as err:
-        raise OtfxInputError(f"cannot load {cls.__name__} weights from {path}: {_first_line(err)}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    misfits = _misfits(sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ()),
-                       sorted(str(m) for m in info.get("mismatched_keys") or ()))
-    notes = []
+        where = files[0] if len(files) == 1 else path
+        raise OtfxInputError(f"cannot load {cls.__name__} weights from {where}: {_first_line(err)}") from None
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    shapes = sorted(str(m) for m in info.get("mismatched_keys") or ())
+    if named and unexpected and not missing and not shapes:  # stored tensors the author's class never used
+        notes.append(f"{path}: {len(unexpected)} stored tensor(s) that {cls.__name__} has no place for were left "
+                     f"out ({'; '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''})")
+        unexpected = []
+    misfits = _misfits(missing, unexpected, shapes)
     if misfits:
         message = f"the weights in {path} do not fit {cls.__name__}: {misfits}"
         if not allow_missing:
             raise OtfxInputError(f"{message}. transformers would initialise the missing tensors at random; pass "
                                  "--allow-missing (allow_missing=True) if that is what you want")
-        notes.append(f"{message}; missing tensors keep their random initialisation (--allow-missing)")
+        notes.append(f"{message}; " + ("missing tensors keep their random initialisation" if missing else
+                                       "the tensors it has no place for are left out") + " (--allow-missing)")
     tokenizer = None
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, config=config)
         except Exception:  # a model without a usable tokenizer is still a model
             tokenizer = None
     rebuild = {"kind": "hf", "architecture": cls.__name__}
     return LoadedModel(model, "hf", str(path), tokenizer, config, rebuild, paths=[path], notes=notes)
+
+
+@contextlib.contextmanager
+def _hf_errors_only() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _fit_misfits(missing: list[str], extra: list[str]) -> str:
+    return _misfits(missing, extra, []).replace("unexpected", "left over")
 
 
 def _first_line(err: BaseException) -> str:
@@ -501,6 +556,7 @@ def _save_hf(anchor: LoadedModel, fused: nn.Module, tmp: Path) -> None:
         except RuntimeError as err:
             raise OtfxInputError(f"the fused model does not fit {type(anchor.model).__name__}: "
                                  f"{_first_line(err)}") from None
-    model.save_pretrained(tmp)
+    target = tmp if anchor.sentence is None else ckpts.write_sentence_modules(anchor.sentence, tmp)
+    model.save_pretrained(target)
     if anchor.tokenizer is not None:
-        anchor.tokenizer.save_pretrained(tmp)
+        anchor.tokenizer.save_pretrained(target)
