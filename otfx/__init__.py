@@ -28,6 +28,7 @@ from otfx.align.config import FusionConfig, FusionError  # noqa: E402 - after th
 from otfx.api import analyse  # noqa: E402 - after the interrupt guard
 from otfx.fuse import align, ensemble, fuse, vanilla_fuse  # noqa: E402 - after the interrupt guard
 from otfx.inspection import inspect_model as inspect  # noqa: E402 - after the interrupt guard
+from otfx.sweep import sweep  # noqa: E402 - after the interrupt guard
 from otfx.symmetry import random_symmetry  # noqa: E402 - after the interrupt guard
 from otfx.trace import Traced, TraceError, trace  # noqa: E402 - after the interrupt guard
 
@@ -49,4 +50,4 @@ def check_onnx(path, model, args, **options):
 
 
 __all__ = ["FusionConfig", "FusionError", "TraceError", "Traced", "align", "analyse", "check_onnx", "ensemble",
-           "export_onnx", "fuse", "inspect", "random_symmetry", "trace", "vanilla_fuse"]
+           "export_onnx", "fuse", "inspect", "random_symmetry", "sweep", "trace", "vanilla_fuse"]

@@ -455,8 +455,10 @@ def _fuse_quietly(call: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         fused = call()
     late = [w for w in caught if issubclass(w.category, OTNotConvergedWarning)]
     fell = [w for w in caught if issubclass(w.category, OTFallbackWarning)]
-    for w in caught:
-        if w not in late and w not in fell:
+    shown = set()
+    for w in caught:  # a sweep fuses many times: each other warning once
+        if w not in late and w not in fell and (w.category, str(w.message)) not in shown:
+            shown.add((w.category, str(w.message)))
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if late:
         first = str(late[0].message).split("(max_iter", 1)[0].strip()
@@ -470,12 +472,16 @@ def _fuse_quietly(call: Callable[[], torch.nn.Module]) -> torch.nn.Module:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    """Fuse over the axes asked for (otfx.sweep), score every row, the parents, vanilla fusion and the ensemble on
+    --eval, and write sweep.json, sweep.txt, sweep.png (and the best model) into --out, whole or not at all."""
+    from otfx.sweep import sweep
+
     console, n, fuse, anchor = _fusion_setup(args, "sweep")
-    regs = _parse_regs(args.regs)
-    if args.solver == "emd":
-        raise OtfxInputError("--solver emd has no regularisation to sweep; use sinkhorn")
-    options = _fuse_options(args, n)
-    options["solver"] = args.solver or "sinkhorn_torch"
+    grid, repair = _sweep_grid(args)
+    if not args.data and repair is not False and "repair" in grid:
+        raise OtfxInputError("--repair both needs --data PATH (inputs to measure the units' statistics on)")
+    options = _fuse_options(argparse.Namespace(**{**vars(args), "repair": repair}), n)
+    options["solver"] = args.solver or FusionConfig().solver
     check_output_dir(args.out, args.overwrite, _input_paths(args.models, args))
     loaded = _load_all(args, args.models, console)
     inputs = _input_paths(args.models, args, loaded)
@@ -489,114 +495,136 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise OtfxInputError(f"--eval {args.eval} has no labels, so accuracy cannot be measured; give .npz with x "
                              "and y (or an image folder with class subfolders), or use --metric loss")
     traced = _trace_all(loaded, example, console)
-    baselines = {lm.source: evaluate(lm.model, evaluation, metric, lm) for lm in loaded}
-    baselines.update(_baselines(loaded, anchor, options.get("weights"), evaluation, metric, console))
-    rows: list[dict] = []
-    best_model = None
-    for reg in console.progress(regs, "sweeping reg"):
-        start = time.perf_counter()
-        try:
-            fused = _fuse_quietly(lambda reg=reg: _call_fuse(fuse, traced, anchor, {**options, "reg": reg}, data))
-        except (ValueError, ArithmeticError) as err:  # one bad reg (e.g. Sinkhorn underflow) does not end the sweep
-            rows.append({"reg": reg, metric: None, "error": str(err).splitlines()[0][:200]})
-            continue
-        value = evaluate(fused, evaluation, metric, loaded[anchor])
-        rows.append({"reg": reg, metric: value, "seconds": round(time.perf_counter() - start, 3)})
-        if _better(value, rows, metric):
-            best_model = fused
-    scored = [r for r in rows if r[metric] is not None and math.isfinite(r[metric])]
-    if not scored:
-        raise ValueError("fusion failed for every reg: " + "; ".join(r.get("error", "?") for r in rows))
-    best = (max if metric == "accuracy" else min)(scored, key=lambda r: r[metric])
-    table = _sweep_table(rows, metric, baselines, best)
+    order = [anchor] + [i for i in range(n) if i != anchor]  # the anchor first, its weight with it
+    given = dict(options)
+    if given.get("weights") is not None:
+        given["weights"] = [options["weights"][i] for i in order]
+    result = _fuse_quietly(lambda: sweep(
+        *(traced[i] for i in order), data=data, evaluate=lambda m: evaluate(m, evaluation, metric, loaded[anchor]),
+        metric=metric, grid=grid, fuse=fuse, progress=lambda rows: console.progress(rows, "sweeping"), **given))
+    for name, why in result.notes.items():
+        console.say(f"note: no {name} baseline: {why}")
+    names = [loaded[i].source for i in order]
+    baselines = result.baselines(names)
+    table = result.table(names)
     print(table)
-    swept = {**_effective_options(options), "reg": regs}  # every reg tried; the best one is in "best"
-    result = {"metric": metric, "rows": rows, "best": best, "baselines": baselines, "models": list(args.models),
-              "options": swept, "eval": args.eval, "data": args.data}
+    best = result.best
+    swept = {**_effective_options(options), **{axis: list(values) for axis, values in grid.items()}}
+    chosen = {**vars(best.config), **{k: v for k, v in best.options.items()}}  # reg None for EMD
+    report_json = {"metric": metric, "rows": [r.as_dict(metric) for r in result.rows], "best": best.as_dict(metric),
+                   "best_config": chosen, "baselines": baselines, "models": list(args.models), "options": swept,
+                   "eval": args.eval, "data": args.data, "anchor": anchor, "timings_s": result.timings}
 
     def write(tmp: Path) -> None:
-        write_report(result, tmp / "sweep.json")
+        write_report(report_json, tmp / "sweep.json")
         (tmp / "sweep.txt").write_text(table + "\n")
-        _plot_sweep(rows, metric, baselines, best, tmp / "sweep.png")
-        if args.save_best and best_model is not None:
+        _plot_sweep(result, baselines, tmp / "sweep.png")
+        if args.save_best:
             report = FusionReport(models=list(args.models))
-            report.config = {"options": {**swept, "reg": best["reg"]}, "anchor": anchor, "data": args.data,
-                             "selected_by": {"metric": metric, "value": best[metric], "eval": args.eval}}
-            report.add_fusion(_fusion_stats(best_model))
-            save_model(loaded[anchor], best_model, tmp / "best", inputs=inputs, command="sweep",
+            report.config = {"options": chosen, "anchor": anchor, "data": args.data,
+                             "selected_by": {"metric": metric, "value": best.score, "eval": args.eval,
+                                             "rows": len(result.rows)}}
+            report.add_fusion(_fusion_stats(result.best_model))
+            save_model(loaded[anchor], result.best_model, tmp / "best", inputs=inputs, command="sweep",
                        extras=lambda best_dir: write_report(report.to_dict(), best_dir / "report.json"))
 
     with atomic_dir(args.out, args.overwrite, inputs, command="sweep") as tmp:
         write(tmp)
-    print(f"best reg: {best['reg']:g} ({metric} {best[metric]:.4f}); wrote {Path(args.out) / 'sweep.png'}")
+    what = ", ".join(f"{k}: {_sweep_value(v)}" for k, v in best.options.items() if v is not None) or "the defaults"
+    print(f"best {what} ({metric} {best.score:.4f}); wrote {Path(args.out) / 'sweep.png'}")
     return 0
 
 
-def _baselines(loaded: list[LoadedModel], anchor: int, weights, evaluation: list, metric: str,
-               console: _Console) -> dict[str, float]:
-    """Vanilla fusion (plain averaging, when shapes agree) and the output ensemble, on the same data."""
-    models = [loaded[anchor].model] + [lm.model for i, lm in enumerate(loaded) if i != anchor]
-    if weights is not None:
-        weights = [weights[anchor]] + [w for i, w in enumerate(weights) if i != anchor]
-    out = {}
-    for name, build in (("vanilla fusion", otfx.vanilla_fuse), ("ensemble", otfx.ensemble)):
-        try:
-            out[name] = evaluate(build(*models, weights=weights), evaluation, metric, loaded[anchor])
-        except (ValueError, RuntimeError) as err:  # vanilla fusion needs equal shapes: say so, go on
-            console.say(f"note: no {name} baseline: {str(err).splitlines()[0][:200]}")
-    return out
+def _sweep_value(value) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) \
+        else str(value)
 
 
-def _parse_regs(text: str) -> list[float]:
+def _sweep_grid(args: argparse.Namespace) -> tuple[dict[str, list], bool | None]:
+    """The axes to sweep from --regs (with 'emd': EMD once), --costs, --residuals and --repair both; and the one
+    repair setting when --repair on/off (None: otfx.fuse's default). Checked before anything is loaded."""
+    from otfx.sweep import uses_reg
+
+    solver = args.solver or FusionConfig().solver
+    if not uses_reg(solver):
+        raise OtfxInputError(f"--solver {solver} has no regularisation to sweep; use a Sinkhorn solver, or put "
+                             "emd in --regs (--regs 0.03,0.1,emd)")
+    regs, emd = _parse_regs(args.regs)
+    grid: dict[str, list] = {}
+    for flag, single, option in (("costs", "cost", "cost"), ("residuals", "residual", "residual")):
+        text = getattr(args, flag)
+        if text is None:
+            continue
+        if getattr(args, single) is not None:
+            raise OtfxInputError(f"give --{single} (one value) or --{flag} (values to sweep), not both")
+        allowed = choices()[option]
+        values = list(allowed) if text.strip() == "all" else [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise OtfxInputError(f"--{flag} {text!r}: {bad[0] + ' is not' if bad else 'give'} one of "
+                                 f"{', '.join(allowed)} (comma-separated, or all)")
+        grid[option] = list(dict.fromkeys(values))
+    if emd:
+        grid["solver"] = ([solver] if regs else []) + ["emd"]
+    if regs:
+        grid["reg"] = regs
+    repair = {"on": True, "off": False, None: None, "both": None}[args.repair]
+    if args.repair == "both":
+        grid["repair"] = [False, True]
+    return grid, repair
+
+
+def _parse_regs(text: str) -> tuple[list[float], bool]:
+    """--regs: positive numbers, and 'emd' for one EMD row (no regularisation)."""
+    parts = [r.strip() for r in text.split(",") if r.strip()]
+    emd = "emd" in parts
     try:
-        regs = [float(r) for r in text.split(",") if r.strip()]
+        regs = [float(r) for r in parts if r != "emd"]
     except ValueError:
-        raise OtfxInputError(f"--regs {text!r} is not a comma-separated list of numbers") from None
-    if not regs or any(not r > 0 for r in regs):
-        raise OtfxInputError(f"--regs {text!r} must list positive numbers")
-    return regs
+        raise OtfxInputError(f"--regs {text!r} is not a comma-separated list of numbers (and emd)") from None
+    if not (regs or emd) or any(not (r > 0 and math.isfinite(r)) for r in regs):
+        raise OtfxInputError(f"--regs {text!r} must list positive numbers (and emd)")
+    return list(dict.fromkeys(regs)), emd
 
 
-def _better(value: float, rows: list[dict], metric: str) -> bool:
-    previous = [r[metric] for r in rows[:-1] if r.get(metric) is not None]
-    if not math.isfinite(value):
-        return False
-    if not previous:
-        return True
-    return value > max(previous) if metric == "accuracy" else value < min(previous)
-
-
-def _sweep_table(rows: list[dict], metric: str, baselines: dict, best: dict) -> str:
-    lines = [f"{'reg':>10}  {metric:>10}", f"{'-' * 10}  {'-' * 10}"]
-    for r in rows:
-        value = "failed" if r[metric] is None else f"{r[metric]:.4f}"
-        mark = "  <- best" if r is best else (f"  ({r['error']})" if "error" in r else "")
-        lines.append(f"{r['reg']:>10g}  {value:>10}{mark}")
-    for source, value in baselines.items():
-        kind = "baseline" if source in ("vanilla fusion", "ensemble") else "input"
-        lines.append(f"{kind:>10}  {value:>10.4f}  {source}")
-    return "\n".join(lines)
-
-
-def _plot_sweep(rows: list[dict], metric: str, baselines: dict, best: dict, path: Path) -> None:
+def _plot_sweep(result, baselines: dict, path: Path, most: int = 30) -> None:
+    """Score against reg when reg is the only axis (EMD, if tried, as a line); else the best ``most`` rows
+    ranked. The parents, vanilla fusion and the ensemble are dashed lines."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     from otfx.io import atomic_path
 
-    fig = Figure(figsize=(5.5, 3.6))
+    scored, best, metric = result.scored(), result.best, result.metric
+    by_reg = all(set(r.options) <= {"reg", "solver"} for r in result.rows)
+    ranked = sorted(scored, key=lambda r: r.score, reverse=result.higher_is_better)[:most]
+    fig = Figure(figsize=(6.5, 3.6 if by_reg else 1.6 + 0.22 * len(ranked)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    scored = [r for r in rows if r[metric] is not None]
-    ax.plot([r["reg"] for r in scored], [r[metric] for r in scored], "o-", label="fused")
-    ax.plot([best["reg"]], [best[metric]], "*", ms=14, color="tab:red", label=f"best (reg {best['reg']:g})")
+    if by_reg:
+        sink = [r for r in scored if r.options.get("reg") is not None]
+        ax.plot([r.options["reg"] for r in sink], [r.score for r in sink], "o-", label="fused")
+        for r in scored:
+            if r.options.get("reg") is None:
+                ax.axhline(r.score, lw=1.5, color="tab:purple", label=f"fused, {r.config.solver}")
+        if best.options.get("reg") is not None:
+            ax.plot([best.options["reg"]], [best.score], "*", ms=14, color="tab:red",
+                    label=f"best (reg {best.options['reg']:g})")
+        ax.set_xscale("log")
+        ax.set_xlabel("Sinkhorn regularisation (reg)")
+        ax.set_ylabel(metric)
+        line = ax.axhline
+    else:
+        ys = list(range(len(ranked)))[::-1]
+        ax.scatter([r.score for r in ranked], ys, c=["tab:red" if r is best else "tab:blue" for r in ranked], s=18)
+        ax.set_yticks(ys, [r.label() for r in ranked], fontsize=6)
+        ax.set_xlabel(metric)
+        ax.set_title(f"best {len(ranked)} of {len(result.rows)} rows ({len(scored)} scored)", fontsize=8)
+        line = ax.axvline
     for i, (source, value) in enumerate(baselines.items()):
         label = source if source in ("vanilla fusion", "ensemble") else f"input: {Path(source).name}"
-        ax.axhline(value, ls="--", lw=1, color=f"C{i + 2}", label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("Sinkhorn regularisation (reg)")
-    ax.set_ylabel(metric)
-    ax.legend(fontsize=7)
+        line(value, ls="--", lw=1, color=f"C{i + 2}", label=label)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -707,8 +735,15 @@ def _fusion_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     g.add_argument("--residual", choices=allowed["residual"])
     g.add_argument("--heads", choices=allowed["heads"])
     g.add_argument("--qk", choices=allowed["qk"])
-    g.add_argument("--repair", action=argparse.BooleanOptionalAction, default=None,
-                   help="reset every aligned unit's mean and std to the parents' after fusing (default: with --data)")
+    if sweep:
+        g.add_argument("--repair", nargs="?", const="on", choices=["both", "on", "off"],
+                       help="REPAIR after fusing: on, off, or both (each row with and without; needs --data); "
+                            "default: on with --data")
+        g.add_argument("--no-repair", dest="repair", action="store_const", const="off", help="same as --repair off")
+    else:
+        g.add_argument("--repair", action=argparse.BooleanOptionalAction, default=None,
+                       help="reset every aligned unit's mean and std to the parents' after fusing (default: with "
+                            "--data)")
     g.add_argument("--anchor-free", action=argparse.BooleanOptionalAction, default=None,
                    help="align every model to a common barycentre (MergeMany), not to the anchor")
     g.add_argument("--tokens", metavar="all|cls|window:N")
@@ -766,10 +801,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(run=cmd_fuse)
 
-    p = sub.add_parser("sweep", help="fuse over Sinkhorn regularisations and evaluate each on held-out data")
+    p = sub.add_parser("sweep", help="fuse over regularisations, costs, residual policies and repair; score each "
+                       "(and vanilla fusion, the ensemble) on held-out data; keep the best")
     p.add_argument("models", nargs="+", metavar="MODEL")
     p.add_argument("--eval", required=True, metavar="PATH", help="held-out data (.npz with x and y for accuracy)")
-    p.add_argument("--regs", default="0.01,0.03,0.06,0.1", help="regularisations (default 0.01,0.03,0.06,0.1)")
+    p.add_argument("--regs", default="0.01,0.03,0.06,0.1", help="regularisations, and emd for one EMD row "
+                   "(default 0.01,0.03,0.06,0.1)")
+    p.add_argument("--costs", metavar="C1,C2|all", help=f"costs to sweep ({', '.join(choices()['cost'])}); "
+                   "default: --cost only")
+    p.add_argument("--residuals", metavar="R1,R2|all", help="residual policies to sweep "
+                   f"({', '.join(choices()['residual'])}); default: --residual only")
     p.add_argument("--metric", choices=["accuracy", "loss"], help="default: accuracy with labels, else loss")
     p.add_argument("--eval-limit", type=int, help="use at most this many samples of --eval")
     p.add_argument("--out", required=True, metavar="DIR")
