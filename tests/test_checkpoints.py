@@ -122,6 +122,8 @@ def sentence_folder(root: Path, model: torch.nn.Module, sub: str) -> Path:
                                                                  "pooling_mode_mean_tokens": True}))
     (root / "2_Normalize").mkdir()
     (root / "modules.json").write_text(json.dumps(modules))
+    (root / "onnx").mkdir()
+    (root / "onnx" / "model.onnx").write_bytes(b"the anchor's export")  # describes the anchor: not carried
     return root
 
 
@@ -147,6 +149,8 @@ def test_sentence_transformers_folder(tmp_path, sub):
     assert json.loads((tmp_path / "saved" / "modules.json").read_text()) == json.loads(
         (root / "modules.json").read_text())
     assert (tmp_path / "saved" / sub / "config.json").is_file() and (tmp_path / "saved" / "1_Pooling").is_dir()
+    assert (tmp_path / "saved" / sub / "sentence_bert_config.json").is_file()
+    assert not (tmp_path / "saved" / "onnx").exists()
     again = loads_same(tmp_path / "saved", tiny(seed=5))
     assert again.sentence.normalize
 

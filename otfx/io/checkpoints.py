@@ -299,21 +299,24 @@ def sentence_modules(root: Path) -> SentenceModules:
         elif kind != "Transformer" and path.is_dir() and any(
                 f.suffix in (".safetensors", ".bin", ".pt") for f in path.iterdir()):
             info.unfused.append(str(m.get("path")))
-    info.files = _module_files(root, folder)
+    info.files = _module_files(root, modules, sub)
     return info
 
 
-def _module_files(root: Path, transformer: Path) -> dict[str, bytes]:
+def _module_files(root: Path, modules: list[dict], transformer: str) -> dict[str, bytes]:
+    """The pipeline's own files: its listing and settings, the transformer's sentence settings, and every file of
+    the other modules' folders. Whatever else the folder holds (the anchor's ONNX or OpenVINO exports, its model
+    card) describes the anchor, not a fused model, and is not carried."""
+    wanted = [root / MODULES_FILE, root / "config_sentence_transformers.json",
+              root / transformer / "sentence_bert_config.json"]
+    for m in modules:
+        sub = str(m.get("path", "") or "")
+        if sub and sub != transformer and (root / sub).is_dir():
+            wanted += sorted(f for f in (root / sub).rglob("*") if f.is_file())
     keep: dict[str, bytes] = {}
     total = 0
-    for file in sorted(root.rglob("*")):
-        if not file.is_file() or file.name.startswith("."):
-            continue
-        in_transformer = file.parent == transformer
-        if in_transformer and file.name not in (MODULES_FILE, "sentence_bert_config.json",
-                                                "config_sentence_transformers.json", "README.md"):
-            continue  # written again by save_pretrained (weights, config, tokenizer)
-        if transformer != root and transformer in file.parents:
+    for file in wanted:
+        if not file.is_file():
             continue
         total += file.stat().st_size
         if total > _KEEP_LIMIT:
