@@ -298,6 +298,58 @@ def test_sweep_mlm_loss_with_stub(tmp_path, capsys, models, monkeypatch):
     assert code == 2 and "has no labels" in err
 
 
+class ResidualStub(StubFuse):
+    """StubFuse that also records the residual policy it was asked for."""
+
+    def __call__(self, *models, residual="mean", **options):
+        fused = super().__call__(*models, residual=residual, **options)
+        self.calls[-1]["residual"] = residual
+        return fused
+
+
+def test_sweep_axes_with_stub(tmp_path, capsys, models, monkeypatch):
+    stub = ResidualStub()
+    monkeypatch.setattr(otfx, "fuse", stub, raising=False)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "eval.npz", x=rng.normal(size=(8, 3, 16, 16)).astype(np.float32), y=rng.integers(0, 10, 8))
+    code, out, err = run(capsys, "sweep", models["vit_a"], models["vit_b"], "--eval", tmp_path / "eval.npz", "--regs",
+                         "0.1,emd", "--costs", "weights,activations", "--residuals", "mean,shared", "--out",
+                         tmp_path / "sweep", "--quiet")
+    assert code == 0, err
+    assert [(c["cost"], c["residual"], c["solver"], c["reg"]) for c in stub.calls] == [
+        ("weights", "mean", "sinkhorn_torch", 0.1), ("weights", "mean", "emd", 0.06),  # emd: no reg passed
+        ("weights", "shared", "sinkhorn_torch", 0.1), ("weights", "shared", "emd", 0.06)]
+    assert "skipped 4: cost='activations' needs data" in out and "vanilla fusion" in out and "ensemble" in out
+    assert re.search(r"best cost: weights, residual: \w+, solver: \w+", out)
+    result = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [r["status"] for r in result["rows"]].count("skipped") == 4 and len(result["rows"]) == 8
+    assert result["options"]["cost"] == ["weights", "activations"] and result["options"]["solver"] == [
+        "sinkhorn_torch", "emd"]
+    assert {"vanilla fusion", "ensemble"} <= set(result["baselines"])
+    assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "sweep" / "sweep.txt").read_text().strip() in out
+
+
+def test_sweep_bad_flags_are_one_line(tmp_path, capsys, models, monkeypatch):
+    monkeypatch.setattr(otfx, "fuse", StubFuse(), raising=False)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "eval.npz", x=rng.normal(size=(4, 3, 16, 16)).astype(np.float32), y=rng.integers(0, 10, 4))
+    pair = [models["vit_a"], models["vit_b"], "--eval", tmp_path / "eval.npz", "--out", tmp_path / "o", "--quiet"]
+    for flags, message in ((["--costs", "weights,nope"], "nope is not one of weights"),
+                           (["--residuals", ","], "give one of mean"),
+                           (["--cost", "weights", "--costs", "all"], "give --cost (one value) or --costs"),
+                           (["--regs", "0.1,foo"], "is not a comma-separated list"),
+                           (["--regs", "0.1,-1"], "must list positive numbers"),
+                           (["--repair", "both"], "--repair both needs --data"),
+                           (["--repair", "on"], "--repair needs --data"),
+                           (["--repair", "sometimes"], "invalid choice: 'sometimes'"),
+                           (["--solver", "lsa"], "--solver lsa has no regularisation to sweep"),
+                           (["--costs", "activations"], "no combination of the 4 in the grid")):
+        code, out, err = run(capsys, "sweep", *pair, *flags)
+        assert code in (1, 2) and message in err and "Traceback" not in err, (flags, err)
+        assert not (tmp_path / "o").exists()
+
+
 # --------------------------------------------------------------------------------------- fuse, the real one
 
 
@@ -387,3 +439,15 @@ def test_sweep_real(tmp_path, capsys, models):
                          "--eval", tmp_path / "eval.npz", "--regs", "0.03,0.1", "--out", tmp_path / "sweep", "--quiet")
     assert code == 0, err
     assert "best reg:" in out and (tmp_path / "sweep" / "sweep.png").is_file()
+    code, out, err = run(capsys, "sweep", models["vit_a"], models["vit_b"], "--data", tmp_path / "eval.npz",
+                         "--eval", tmp_path / "eval.npz", "--regs", "0.1,emd", "--residuals", "mean,shared",
+                         "--repair", "both", "--out", tmp_path / "axes", "--save-best", "--quiet")
+    assert code == 0, err
+    result = json.loads((tmp_path / "axes" / "sweep.json").read_text())
+    rows = [(r["residual"], r["solver"], r["repair"], r["status"]) for r in result["rows"]]
+    assert rows == [(res, solver, repair, "ok") for res in ("mean", "shared") for solver in ("sinkhorn_torch", "emd")
+                    for repair in (False, True)]
+    assert [r.get("reused_alignment", False) for r in result["rows"]] == [False, True] * 4
+    best = json.loads((tmp_path / "axes" / "best" / "report.json").read_text())["config"]
+    assert best["options"]["residual"] == result["best"]["residual"] and best["selected_by"]["rows"] == 8
+    assert set(result["baselines"]) == {str(models["vit_a"]), str(models["vit_b"]), "vanilla fusion", "ensemble"}
