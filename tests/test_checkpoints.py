@@ -173,6 +173,10 @@ def test_zip_of_a_sentence_transformers_folder(tmp_path):
             handle.write(root / "config.json", f"{top}/config.json")
     with pytest.raises(OtfxInputError, match=r"two\.zip must hold one model; it holds 2 model folders \(a, b\)"):
         load_model(tmp_path / "two.zip")
+    with zipfile.ZipFile(tmp_path / "wheel.whl", "w") as handle:  # the all-MiniLM wheel: a zip inside a wheel
+        handle.write(archive, "pkg/model.zip")
+    with pytest.raises(OtfxInputError, match=r"wheel\.whl holds no model folder but the archive pkg/model\.zip"):
+        load_model(tmp_path / "wheel.whl")
 
 
 def test_bad_folders_name_the_file(tmp_path):

@@ -365,8 +365,10 @@ def extract_zip(path: Path) -> tuple[tempfile.TemporaryDirectory, Path]:
                                                   for o in dirs))
         if len(roots) != 1:
             nested = [m for m in members if m.endswith(".zip")]
-            held = (f"{len(roots)} model folders ({', '.join(roots[:4])})" if roots
-                    else f"no config.json or modules.json{f'; it holds {nested[0]}: pass that' if nested else ''}")
+            if not roots and nested:
+                raise OtfxInputError(f"zip archive {path} holds no model folder but the archive {nested[0]}; "
+                                     "extract that file and pass it")
+            held = f"{len(roots)} model folders ({', '.join(roots[:4])})" if roots else "no config.json or modules.json"
             raise OtfxInputError(f"zip archive {path} must hold one model; it holds {held}. Extract it and pass "
                                  "the model's folder")
         base = roots[0]
