@@ -623,7 +623,7 @@ def _plot_sweep(result, baselines: dict, path: Path, most: int = 30) -> None:
         line = ax.axvline
     for i, (source, value) in enumerate(baselines.items()):
         label = source if source in ("vanilla fusion", "ensemble") else f"input: {Path(source).name}"
-        line(value, ls="--", lw=1, color=f"C{i + 2}", label=label)
+        line(value, ls="--", lw=1, color=f"C{(2, 1, 4, 5, 6, 7, 8, 9)[i % 8]}", label=label)  # C3 red: the best
     ax.legend(fontsize=6)
     fig.tight_layout()
     with atomic_path(path) as tmp:

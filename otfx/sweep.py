@@ -238,7 +238,9 @@ def sweep(*models, args: tuple | None = None, kwargs: dict | None = None, data=N
                 if aligned is None:
                     aligned = [traced[0]] + [align(t, to=traced[0]) for t in traced[1:]]
                 model = repair(twin[1], traced, data, resolved.weights, aligned=aligned)
-                model.otfx_report = {**getattr(twin[1], "otfx_report", {}), "config": vars(resolved)}
+                report = getattr(twin[1], "otfx_report", {})
+                model.otfx_report = {**report, "config": vars(resolved), "reused_alignment": True,
+                                     "timings": {**report.get("timings", {}), "repair": time.perf_counter() - t0}}
                 row.reused_alignment = True
             else:
                 model = fuse(*traced, data=data, **call)
