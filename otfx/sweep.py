@@ -61,6 +61,9 @@ def combinations(grid: Mapping[str, Sequence] | Sequence[Mapping], solver: str |
             values.append(v)
         combos = [dict(zip(axes, c)) for c in itertools.product(*values)]
     else:
+        if isinstance(grid, (str, bytes)) or not all(isinstance(c, Mapping) for c in grid):
+            raise FusionError("grid must map options to values ({'reg': [0.03, 0.1]}) or list option dicts "
+                              f"([{{'reg': 0.1}}, {{'solver': 'emd'}}]), got {grid!r:.80}")
         combos = [dict(c) for c in grid]
         if not combos:
             raise FusionError("the grid lists no combinations")

@@ -101,6 +101,9 @@ def test_default_grid_comes_from_the_registries():
     emd = [r for r in rows if r["solver"] == "emd"]
     assert emd == [{"solver": "emd", "reg": None, "repair": False}, {"solver": "emd", "reg": None, "repair": True}]
     assert len(rows) == 6 and all(list(r)[-1] == "repair" for r in rows)
+    assert combinations([{"reg": 0.1}, {"solver": "emd", "reg": 0.1}]) == [{"reg": 0.1}, {"solver": "emd", "reg": None}]
+    with pytest.raises(otfx.FusionError, match="grid must map options"):
+        combinations("reg")
 
 
 def test_real_fusion_with_val_data_and_shared_repair(pair):
