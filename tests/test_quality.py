@@ -102,3 +102,49 @@ def test_correlation_cost_recovers_a_planted_permutation():
     maps = compute_maps(analyse(traced), analyse(permuted), config, batches("hf_vit", n=8))
     for fqn, value in aligned_params(maps).items():
         torch.testing.assert_close(value, traced.parameters()[fqn].double(), atol=1e-6, rtol=0, msg=fqn)
+
+
+def _class_of(maps, weight: str) -> int:
+    record = next(r for r in maps.anchor.records if r.kind == "layer" and r.info.get("weight") == weight)
+    return maps.root(record.output)
+
+
+def test_activation_costs_read_each_class_where_its_readers_see_it():
+    """The patch embedding's class is read after its class token and position table are added (the input of
+    the first norm), not at the rank-(patch pixels) projection; a value projection's class at the attention
+    context the output projection reads; MLP units after their GELU. ``read="layer"`` keeps the old rule."""
+    model, args = zoo.build("hf_vit")
+    traced = otfx.trace(model, args)
+    inference = analyse(traced)
+    graph = {n.name: n for n in traced.graph.nodes}
+    first_norm = next(r.node for r in inference.records if r.kind == "norm")
+    o_proj = next(r.node for r in inference.records if r.kind == "layer" and "o_proj" in r.info["weight"])
+    layer = "vit.layers.0."
+    for cost in ("activations", "correlation"):
+        maps = compute_maps(inference, inference, FusionConfig(cost=cost, solver="emd"))
+        emb = _class_of(maps, "vit.embeddings.patch_embeddings.projection.weight")
+        v = _class_of(maps, layer + "attention.v_proj.weight")
+        fc1 = _class_of(maps, layer + "mlp.fc1.weight")
+        [(emb_node, _)] = maps.costs.wanted(maps, [emb])
+        [(v_node, _)] = maps.costs.wanted(maps, [v])
+        [(fc1_node, _)] = maps.costs.wanted(maps, [fc1])
+        assert emb_node == graph[first_norm].args[0].name, cost
+        assert v_node == graph[o_proj].args[0].name, cost
+        assert "gelu" in str(graph[fc1_node].target), cost
+    maps.costs.read = "layer"
+    [(emb_node, axes)] = maps.costs.wanted(maps, [emb])
+    assert "conv" in str(graph[emb_node].target) and axes == (1,)
+
+
+@pytest.mark.parametrize("cost", ["activations", "correlation"])
+@pytest.mark.parametrize("arch", ["hf_vit", "bert"])
+def test_activation_costs_recover_a_planted_permutation_with_the_paper_options(cost, arch):
+    """From activations alone (no weight rows), with per-writer residual maps averaged, untied queries and keys
+    and cross-head maps: the other model is a permuted copy, so every map must be the planted permutation."""
+    model, args = zoo.build(arch)
+    traced = otfx.trace(model, args)
+    permuted = otfx.trace(otfx.random_symmetry(traced, seed=5), args)
+    config = FusionConfig(cost=cost, solver="emd")
+    maps = compute_maps(analyse(traced), analyse(permuted), config, batches(arch, n=8))
+    for fqn, value in aligned_params(maps).items():
+        torch.testing.assert_close(value, traced.parameters()[fqn].double(), atol=1e-6, rtol=0, msg=fqn)

@@ -3,12 +3,14 @@ other model and neuron i of the anchor is 1 - the Pearson correlation of their a
 calibration data (samples x kept tokens), averaged over every graph node that stands for the class.
 
 What is read for a class:
-* a class written by several layers (the residual stream under ``residual="shared"``): the outputs of all its
-  writers (patch or token embedding, every attention output and MLP output projection), so one map is solved
-  from correlations accumulated over the whole stream, not from the first layer alone;
-* a layer followed by an element-wise nonlinearity (GELU, ReLU, SiLU, ...): the nonlinearity's output, where
-  the next layer reads the units;
-* otherwise the producing layer's output, as the ``activations`` cost reads it.
+* a class written by several layers (the residual stream under ``residual="shared"``): the stream itself at the
+  input of every norm that reads it (``stream="norms"``: after the embedding and after each residual add), so
+  one map is solved from correlations accumulated over the whole stream; ``stream="writers"`` reads the
+  writers' outputs instead (the residual *updates*, a weaker signal: 06_quality's diagnosis);
+* otherwise the class's complete value, as the ``activations`` cost reads it (``class_node``): an embedding
+  after its position table, a value projection at the attention context, MLP units after their nonlinearity.
+  ``read="layer"`` reads the producing layer's output (after an element-wise nonlinearity that follows it when
+  ``post_nonlinearity``): the earlier rule, kept for the diagnosis.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from otfx.align.config import FusionError
 from otfx.align.costs import register_cost
+from otfx.align.costs.activations import NodeChooser, class_node
 
 if TYPE_CHECKING:
     from otfx.align.maps import TransportMaps
@@ -36,25 +39,36 @@ def _op(node) -> str:
 class CorrelationCost:
     reads_rows = False
     needs_data = True
-    #: read the residual stream at its writers' outputs ("writers") or at the inputs of the norms ("norms")
-    stream = "writers"
-    #: read a layer's units after the element-wise nonlinearity that follows it
+    #: a class with several writers: read the stream at the inputs of the norms ("norms") or at its writers'
+    #: outputs ("writers")
+    stream = "norms"
+    #: a class with one writer: its complete value ("complete") or the producing layer's output ("layer")
+    read = "complete"
+    #: with ``read="layer"``: a layer's units after the element-wise nonlinearity that follows it
     post_nonlinearity = True
+
+    def __init__(self) -> None:
+        self._chooser: tuple[int, NodeChooser] | None = None
 
     def nodes(self, maps: TransportMaps, root: int) -> list[Node]:
         """The graph nodes (name, axes) whose activations stand for a class (see the module docstring)."""
         inference = maps.anchor
         graph = {n.name: n for n in inference.traced.graph.nodes}
+        layers = maps.structure.layer_nodes(root)
+        if len(layers) <= 1 and self.read == "complete":
+            if self._chooser is None or self._chooser[0] != id(inference):
+                self._chooser = (id(inference), NodeChooser(maps))
+            node = class_node(maps, root, "complete", self._chooser[1])
+            return [node] if node is not None else []
         last_axis = {name: (len(axes) - 1,) for name, axes in inference.node_axes.items()
                      if axes and maps.root(axes[-1]) == root}
         out: list[Node] = []
-        if self.stream == "norms":
+        if self.stream == "norms" and len(layers) > 1:
             for r in inference.records:
                 if r.kind == "norm" and r.node in graph:
                     src = graph[r.node].args[0]
                     if getattr(src, "name", None) in last_axis:
                         out.append((src.name, last_axis[src.name]))
-        layers = maps.structure.layer_nodes(root)
         if not out:
             for name in layers:
                 pick = name
