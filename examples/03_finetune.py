@@ -29,7 +29,7 @@ import otfx  # noqa: E402
 
 NAME = "03_finetune"
 REGS = (0.01, 0.02, 0.04, 0.06, 0.1, 0.2)  # Sinkhorn reg of the paper's method, chosen on validation
-LRS = (5e-5, 2e-4, 6e-4, 2e-3)  # finetuning peak lr, chosen per model on validation
+LRS = (5e-5, 2e-4, 6e-4, 2e-3, 6e-3)  # finetuning peak lr, chosen per model on validation
 SEEDS = (0, 1, 2)  # finetune seeds (batch order)
 BUDGET = 0.10  # of a parent's training steps
 EXAMPLE_BATCH = 64
@@ -48,7 +48,7 @@ def _gap(values: Sequence[float]) -> str:
     return f"{100 * m:+.2f} ± {100 * s:.2f} [{100 * min(values):+.2f}, {100 * max(values):+.2f}]"
 
 
-def _verdict(name: str, gaps: Sequence[float]) -> str:
+def _verdict(name: str, gaps: Sequence[float], bar: str) -> str:
     """"Beats" only when every seed agrees and the mean gap exceeds the seed-to-seed std."""
     m, s = R.mean_std(gaps)
     if min(gaps) > 0 and m > s:
@@ -57,7 +57,7 @@ def _verdict(name: str, gaps: Sequence[float]) -> str:
         word = "**does not beat** (is below)"
     else:
         word = "is not distinguishable from"
-    return (f"- {name} {word} the best continued parent: {100 * m:+.2f} points (std {100 * s:.2f} over "
+    return (f"- {name} {word} {bar}: {100 * m:+.2f} points (std {100 * s:.2f} over "
             f"{len(gaps)} finetune seeds, range {100 * min(gaps):+.2f} to {100 * max(gaps):+.2f})")
 
 
@@ -119,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bar_test = [max(runs[p]["runs"][s]["test"][-1] for p in PARENTS) for s in seeds]
     gaps_val = {n: [a - b for a, b in zip(final(n), bar_val)] for n in FUSED}
     gaps_test = {n: [a - b for a, b in zip(final(n), bar_test)] for n in FUSED}
+    gaps_trained = {n: [a - max(parents_test) for a in final(n)] for n in FUSED}
 
     choice = {FUSED[1]: f"reg {paper_reg:g}", FUSED[2]: "reg 0.25 (default)"}
     main_table = R.markdown_table(
@@ -170,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
          for i in range(n_epochs)])
 
     best_fused = max(FUSED, key=lambda n: R.mean_std(final(n, "val"))[0])
+    edge = [f"{n} ({runs[n]['lr']:g})" for n in runs if runs[n]["lr"] in (min(lrs), max(lrs))]
+    first_run = sum(h["train_seconds"] for h in histories)
     body = "\n".join([
         f"Parents: {spec.name} on {split.name} ({len(split.y_train)} training images, {len(split.y_val)} held out "
         f"of the training set for validation, the official {len(split.y_test)} test images), AdamW lr "
@@ -192,9 +195,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "reg 0.25, REPAIR). The anchor is parent A. Accuracy in %; *gain* = fused minus the better continued "
         "parent of the same seed, chosen on validation (or, harder, the better one on test).", "",
         "## The claim", "",
-        *(_verdict(n, gaps_val[n]) for n in FUSED),
-        "- against the better continued parent on *test* (the harder bar): "
-        + "; ".join(f"{n} {100 * R.mean_std(gaps_test[n])[0]:+.2f}" for n in FUSED), "",
+        "Against the better of the two continued parents on *test* (the best parent, the harder bar):", "",
+        *(_verdict(n, gaps_test[n], "the best continued parent") for n in FUSED), "",
+        "Against the continued parent that is better on *validation* (a choice one could make without test data):",
+        "", *(_verdict(n, gaps_val[n], "the continued parent chosen on validation") for n in FUSED), "",
+        f"Against the best parent as trained ({R.fmt_acc(max(parents_test))}, not trained further; the paper's "
+        "Table 2 comparison):", "",
+        *(_verdict(n, gaps_trained[n], "the best parent as trained") for n in FUSED), "",
+        *([f"Chosen lr at the edge of the grid: {', '.join(edge)}."] if edge else []), "",
         f"Best fused model on validation after finetuning: {best_fused}. Parents as trained: "
         f"{R.fmt_list(parents_test)} test; their output ensemble {R.fmt_acc(ens_test)} test "
         f"({R.fmt_acc(ens_val)} val) at twice the inference cost.", "",
@@ -205,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "## Parent training (validation accuracy per epoch)", "", "![parent training](parent_training.png)", "",
         parent_table, "",
         "Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timer.steps.items())
-        + " (parents: 0 when reloaded from the cache).",
+        + f" (parents: near 0 when reloaded from the cache; training them took {first_run:.0f} s, which a first "
+        "run adds).",
     ])
     seconds = time.perf_counter() - t_start
     R.write_markdown(out / "README.md", "Finetuning fused ViTs against parents continued for the same steps",
@@ -214,7 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": runs, "steps": steps, "parent_steps": parent_steps, "parent_histories": histories,
         "parents_test": parents_test, "parents_val": parents_val, "ensemble_test": ens_test, "ensemble_val": ens_val,
         "paper_reg": paper_reg, "paper_sweep": sweep, "best_continued_by_val": best_by_val,
-        "gains_vs_best_by_val": gaps_val, "gains_vs_best_on_test": gaps_test, "seeds": list(seeds),
+        "gains_vs_best_by_val": gaps_val, "gains_vs_best_on_test": gaps_test, "gains_vs_best_as_trained": gaps_trained,
+        "seeds": list(seeds),
         "stage_seconds": timer.steps, "seconds": seconds})
     print(f"wrote {out / 'README.md'} in {seconds:.0f} s")
     return 0
