@@ -138,7 +138,6 @@ def _fuse_to_anchor(inferences: list[Inference], config: FusionConfig, data,
     """The anchor's copy with every parameter the weighted mean of the models aligned to the anchor."""
     anchor = inferences[0]
     weights_n = config.model_weights(len(inferences))
-    anchor_params = anchor.traced.parameters()
     fused = copy.deepcopy(anchor.traced.model)
     fused_params = dict(fused.named_parameters(remove_duplicate=False))
     # float64 sums, one tensor at a time: w0 * anchor + w1 * aligned_1 + ...; with two models no tensor outlives
@@ -150,7 +149,10 @@ def _fuse_to_anchor(inferences: list[Inference], config: FusionConfig, data,
         t0 = time.perf_counter()
         maps = compute_maps(anchor, other, config, data, timings, release=True)
 
-        def sink(fqn: str, value: torch.Tensor, k: int = k) -> None:
+        # the anchor as the maps see it (with residual="orthogonal", its norms' gains folded)
+        anchor_params = maps.params_anchor
+
+        def sink(fqn: str, value: torch.Tensor, k: int = k, anchor_params=anchor_params) -> None:
             acc = partial.pop(fqn, None)
             if k == last:
                 _blend_into(fused_params[fqn], acc, anchor_params[fqn].detach(), weights_n[0], value, weights_n[k])

@@ -241,7 +241,7 @@ def fuse_checkpoints(anchor: str | Path, other: str | Path, out: str | Path, *, 
         maps.release = True
 
         def sink(fqn: str, value: torch.Tensor) -> None:
-            base = readers[0][fqn]
+            base = maps.params_anchor[fqn]  # the anchor as the maps see it (gains folded for orthogonal maps)
             dest = torch.empty_like(base)
             _blend_into(dest, None, base, w[0], value, w[1])
             for name in groups.get(fqn, [fqn]):

@@ -1,6 +1,7 @@
 """Map combiners: the plan of a residual add's (or concat's) output from the plans of its inputs, by the
 residual policy (the paper's mean, magnitude-weighted scalar or per-neuron, or ``shared``: one map per stream,
-where the graph has no combine node left). One function per policy, registered by name."""
+where the graph has no combine node left; ``orthogonal``: as shared, with a rotation of the stream where the
+function allows it). One function per policy, registered by name."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def mean(maps: TransportMaps, inputs: list[int], plans: list[torch.Tensor]) -> t
 
 
 COMBINERS["shared"] = mean  # residual links merged: only concats remain to combine
+COMBINERS["orthogonal"] = mean  # as shared, the stream's one map orthogonal (``orthogonal.py``)
 
 
 def _magnitudes(maps: TransportMaps, inputs: list[int]) -> torch.Tensor | None:

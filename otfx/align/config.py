@@ -133,7 +133,7 @@ class FusionConfig:
     def merged_kinds(self) -> set[str]:
         """Soft links of the flow graph that become one transport map under this configuration."""
         kinds = {"tied"}  # one tensor, one map
-        if self.residual == "shared":
+        if self.residual in ("shared", "orthogonal"):
             kinds |= {"residual", "concat"}
         if self.qk == "tied":
             kinds.add("contract")

@@ -23,6 +23,7 @@ from otfx.align.config import FusionConfig, FusionError
 from otfx.align.costs import cost_provider
 from otfx.align.heads import solve_heads
 from otfx.align.mapgraph import build_map_graph, todo_order
+from otfx.align.orthogonal import FoldedParams, Stream, orthogonal_streams, procrustes, stream_nodes, stream_rows
 from otfx.align.plans import factor_marginal, identity_plan
 from otfx.align.rewrite import Rewriter, unique_params
 from otfx.align.solvers import solve
@@ -68,6 +69,12 @@ class TransportMaps:
         self.acts = ActivationStore(acts_anchor, acts_other)
         self.params_anchor = params_anchor if params_anchor is not None else _detached(anchor)
         self.params_other = params_other if params_other is not None else _detached(other)
+        #: streams rotated by an orthogonal map (``residual="orthogonal"``), their norms' gains folded in both
+        #: models; their plans are the maps themselves (``linear``), and the folded gains move with no map
+        self.orthogonal: dict[int, Stream] = {}
+        self.invariant: set[str] = set()
+        if config.residual == "orthogonal":
+            self._fold_streams()
         self.compute_dtype = compute_dtype
         self.maps: dict[int, torch.Tensor] = {}
         self.stats: list[MapStats] = []
@@ -80,6 +87,16 @@ class TransportMaps:
         self._released: set[int] = set()
         self._graphs: dict[tuple[str, ...], nx.DiGraph] = {}
         self._current: nx.DiGraph | None = None
+
+    def _fold_streams(self) -> None:
+        self.orthogonal, why_not = orthogonal_streams(self.structure)
+        for root, why in why_not.items():
+            warnings.warn(f"otfx: residual='orthogonal': {self.describe(root)} keeps a transport plan: {why}",
+                          stacklevel=4)
+        if self.orthogonal:
+            self.params_anchor = FoldedParams(self.params_anchor, self.orthogonal)
+            self.params_other = FoldedParams(self.params_other, self.orthogonal)
+            self.invariant = self.params_anchor.invariant
 
     # ---- the pair's structure -------------------------------------------------------------------------
     acts_anchor = property(lambda self: self.acts.anchor)
@@ -132,6 +149,8 @@ class TransportMaps:
             inputs = [self.root(s) for r, d in g.nodes(data=True) if d["kind"] == "combine"
                       and d["record"].kind == "residual" for s in d["record"].inputs]
             wanted += [n for n in (self.activation_node(r) for r in dict.fromkeys(inputs)) if n is not None]
+        if not self.costs.reads_rows:  # an activation cost: rotations from the stream after every residual add
+            wanted += [n for root in self.orthogonal for n in stream_nodes(self.structure, root)]
         return list(dict.fromkeys(wanted))
 
     # ---- evaluation -----------------------------------------------------------------------------------
@@ -256,8 +275,30 @@ def _product(maps: TransportMaps, root: int, data: dict) -> torch.Tensor:
 
 
 def _solve(maps: TransportMaps, root: int, data: dict) -> torch.Tensor:
+    stream = maps.orthogonal.get(root)
+    if stream is not None:
+        return _rotation(maps, root, stream)
     cost, used = maps.costs.cost(maps, root)
     return maps.ot(cost, root, "layer", used)
+
+
+def _rotation(maps: TransportMaps, root: int, stream: Stream) -> torch.Tensor:
+    """The orthogonal map of a residual stream: Procrustes on the weights cost's features, or for an activation
+    cost on the stream's activations after every residual add (no marginals: the rewriter applies the map as
+    it is, on both sides)."""
+    nodes = [] if maps.costs.reads_rows else [n for n in stream_nodes(maps.structure, root) if n in maps.acts.anchor]
+    if nodes:
+        with maps.timed("rows"):
+            rows_a, rows_b = stream_rows(maps.acts.anchor, nodes), stream_rows(maps.acts.other, nodes)
+        used = [n[0] for n in nodes]
+    else:
+        rows_a, rows_b, used = maps.costs.features(maps, root)
+    with maps.timed("solve"):
+        rotation = procrustes(rows_b, rows_a, stream.fix_ones)
+    n = rotation.shape[0]
+    maps.stats.append(MapStats(root, "stream", n, n, "procrustes" + (" (fixing 1)" if stream.fix_ones else ""),
+                               producers=used))
+    return rotation
 
 
 def _heads(maps: TransportMaps, root: int, data: dict) -> dict[int, torch.Tensor]:

@@ -65,11 +65,16 @@ class Mover:
 
     __slots__ = ("identity", "index", "weights")
 
-    def __init__(self, plan: torch.Tensor, side: str, dtype: torch.dtype, index: torch.Tensor | None):
-        """``index``: ``permutation_index(plan)``, found once for both sides."""
+    def __init__(self, plan: torch.Tensor, side: str, dtype: torch.dtype, index: torch.Tensor | None,
+                 linear: bool = False):
+        """``index``: ``permutation_index(plan)``, found once for both sides. ``linear``: ``plan`` is an
+        orthogonal map, applied as it is on both sides (no marginals)."""
         self.index = index
         self.identity = self.index is not None and bool((self.index == torch.arange(len(self.index))).all())
-        self.weights = None if self.index is not None else plan_weights(plan, side, dtype)
+        if self.index is not None:
+            self.weights = None
+        else:
+            self.weights = plan.to(dtype) if linear else plan_weights(plan, side, dtype)
 
     def __call__(self, tensor: torch.Tensor, axis: int) -> torch.Tensor:
         if self.identity:

@@ -47,9 +47,10 @@ class Rewriter:
         if mover is None:
             plan = maps.plan(root)
             with maps.timed("prepare"):
+                linear = root in maps.orthogonal  # the plan is the map itself, no marginals
                 if root not in self._indices:
-                    self._indices[root] = permutation_index(plan)
-                mover = self._movers[root][key] = Mover(plan, side, tensor.dtype, self._indices[root])
+                    self._indices[root] = None if linear else permutation_index(plan)
+                mover = self._movers[root][key] = Mover(plan, side, tensor.dtype, self._indices[root], linear)
         return mover(tensor, axis)
 
     def partial(self, fqn: str, axis: int) -> torch.Tensor:
@@ -72,6 +73,9 @@ class Rewriter:
         (and drops) a producer's cached partial. May alias the other model's tensor when nothing moves."""
         maps = self.maps
         with maps.timed("rewrite"):
+            if fqn in maps.invariant:  # a folded gain: constant along the axis every map moves
+                value = maps.params_other[fqn]
+                return value.to(maps.dtype_for(value))
             axes = maps.anchor.param_axes[fqn]
             cached = [key for key in self.partials if key[0] == fqn]
             if cached:
