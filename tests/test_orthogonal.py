@@ -111,3 +111,22 @@ def test_procrustes_recovers_a_planted_rotation():
     found = procrustes(fixed @ rows_a, rows_a, fix_ones=True)
     assert torch.allclose(found, fixed, atol=1e-8)
     assert torch.allclose(found @ torch.ones(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64), atol=1e-10)
+
+
+def test_streamed_orthogonal_fusion_equals_in_memory(tmp_path):
+    """Folding reads the gains from disk as the maps need them: the streamed result is the in-memory one."""
+    from transformers import AutoModelForCausalLM
+
+    from otfx.stream import fuse_checkpoints
+
+    a, args = testing.build("llama", seed=0)
+    b, _ = testing.build("llama", seed=1)
+    for model, name in ((a, "a"), (b, "b")):
+        model.config.architectures = ["LlamaForCausalLM"]
+        model.save_pretrained(tmp_path / name, max_shard_size="20KB")
+    out = fuse_checkpoints(tmp_path / "a", tmp_path / "b", tmp_path / "fused", residual="orthogonal")
+    expected = otfx.fuse(otfx.trace(a, args), otfx.trace(b, args), residual="orthogonal")
+    loaded = dict(AutoModelForCausalLM.from_pretrained(out).named_parameters(remove_duplicate=False))
+    for name, p in expected.named_parameters(remove_duplicate=False):
+        torch.testing.assert_close(loaded[name], p, atol=1e-6, rtol=1e-5, msg=name)
+    assert torch.equal(loaded["model.norm.weight"], torch.ones_like(loaded["model.norm.weight"]))  # gain folded
