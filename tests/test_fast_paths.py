@@ -334,3 +334,26 @@ def test_weights_mode_with_weighted_residual_collects_only_the_residual_inputs()
     with torch.no_grad():
         assert torch.isfinite(main_output(fused(*zoo.inputs("hf_vit", 2, 8)))).all()
     assert fuse_module.fuse is otfx.fuse
+
+
+def test_calibration_runs_at_a_larger_batch_with_the_same_values(monkeypatch):
+    """A model traced at batch 2 is traced again at up to 64 rows for collection and repair: same nodes, same
+    activations and statistics as through the batch-2 graph."""
+    from otfx import testing
+    from otfx.align import activations, repair
+
+    model, args = testing.build("hf_vit")
+    traced = otfx.trace(model, args)
+    data = [testing.inputs("hf_vit", 7, 8, seed=s)[0] for s in range(3)]
+    bigger = activations.for_calibration(traced, data)
+    assert bigger is not traced and bigger.args[0].shape[0] == 21
+    assert [n.name for n in bigger.graph.nodes] == [n.name for n in traced.graph.nodes]
+    wanted = [(n, (2,)) for n, axes in otfx.analyse(traced).node_axes.items() if len(axes) == 3][3:6]
+    units = repair.repair_units(otfx.analyse(traced))
+    fast = activations.collect(traced, data, wanted), repair.unit_statistics(traced, data, units=units)
+    monkeypatch.setattr(activations, "CALIBRATION_BATCH", 0)  # the batch-2 graph
+    slow = activations.collect(traced, data, wanted), repair.unit_statistics(traced, data, units=units)
+    for key in wanted:
+        torch.testing.assert_close(fast[0][key], slow[0][key], atol=1e-5, rtol=1e-4)
+    for name in slow[1]:
+        torch.testing.assert_close(fast[1][name], slow[1][name], atol=1e-5, rtol=1e-4)
