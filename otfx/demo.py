@@ -254,7 +254,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     add("ensemble", *_timed(otfx.ensemble, *parents), "averages the logits: 2 models at inference")
     add("vanilla fusion", *_timed(otfx.vanilla_fuse, *parents), "plain weight averaging")
-    fused = {"OT weights, EMD": _timed(otfx.fuse, *traced, solver="emd")}
+    paper = {"residual": "mean"}  # the paper's residual policy (otfx's default without data rotates the stream)
+    fused = {"OT weights, EMD": _timed(otfx.fuse, *traced, solver="emd", **paper)}
     add("OT weights, EMD", *fused["OT weights, EMD"], "hard alignment")
 
     def swept(name: str, options: Sequence[dict[str, Any]], regs: Sequence[float], what: str) -> None:
@@ -267,7 +268,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
                 bar.update()
                 tried += 1
                 try:
-                    model, seconds = _timed(otfx.fuse, *traced, solver="sinkhorn", reg=reg, **opts, **extra)
+                    model, seconds = _timed(otfx.fuse, *traced, solver="sinkhorn", reg=reg, **paper, **opts,
+                                            **extra)
                 except (ValueError, ArithmeticError):  # a reg that fails is a choice not available
                     continue
                 score = accuracy(model, x_val, y_val)
@@ -283,6 +285,9 @@ def run_demo(config: DemoConfig) -> DemoResult:
     swept("OT weights, Sinkhorn", [{"cost": "weights"}], config.weight_regs, "")
     swept("OT activations, Sinkhorn", [{"cost": "activations", "tokens": t} for t in config.act_tokens],
           config.act_regs, f"; {config.act_samples} training images")
+    fused["otfx default, no data"] = _timed(otfx.fuse, *traced)
+    add("otfx default, no data", *fused["otfx default, no data"],
+        "fuse(a, b): weights, one rotation of the residual stream, Sinkhorn reg 0.06")
     fused["otfx default, with data"] = _timed(otfx.fuse, *traced, data=data)
     add("otfx default, with data", *fused["otfx default, with data"],
         f"fuse(a, b, data=...): weights + REPAIR, reg 0.25; {config.act_samples} unlabelled training images")

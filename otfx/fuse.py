@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from otfx.align.activations import collect
 from otfx.align.config import FusionConfig, FusionError
 from otfx.align.maps import TransportMaps
 from otfx.align.match import check_same_architecture
+from otfx.align.orthogonal import StreamFallbackWarning
 from otfx.align.rewrite import rewrite_params
 from otfx.api import analyse
 from otfx.infer.result import Inference
@@ -75,11 +77,13 @@ def _blend_into(dest: torch.Tensor, acc: torch.Tensor | None, anchor: torch.Tens
 
 
 def compute_maps(anchor: Inference, other: Inference, config: FusionConfig, data=None,
-                 timings: dict[str, float] | None = None, release: bool = False) -> TransportMaps:
+                 timings: dict[str, float] | None = None, release: bool = False,
+                 fallback: str | None = None) -> TransportMaps:
     """Transport maps from ``other`` to ``anchor`` (evaluated by the rewrite); the activations the
     configuration reads are collected first, in one batched pass per model (their time is added to
-    ``timings["collect"]``). ``release``: drop each plan once the rewrite no longer needs it."""
-    maps = TransportMaps(anchor, other, config)
+    ``timings["collect"]``). ``release``: drop each plan once the rewrite no longer needs it. ``fallback``: see
+    ``TransportMaps``."""
+    maps = TransportMaps(anchor, other, config, fallback=fallback)
     maps.release = release
     if data is not None:
         wanted = maps.activation_nodes()
@@ -104,7 +108,8 @@ def fuse(*models, args: tuple | None = None, kwargs: dict | None = None, data=No
     ``fused.otfx_report`` holds per-map statistics and stage timings.
     """
     data = list(data) if data is not None else None
-    config = FusionConfig.make(config, **options).resolved(data is not None)
+    given = FusionConfig.make(config, **options)
+    config = given.resolved(data is not None)
     config.validate(len(models), data is not None)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -119,7 +124,11 @@ def fuse(*models, args: tuple | None = None, kwargs: dict | None = None, data=No
                                  tokens=config.tokens)
         stats, aligned = [], fused.otfx_aligned
     else:
-        fused, stats = _fuse_to_anchor(inferences, config, data, timings)
+        with warnings.catch_warnings():
+            auto = given.residual is None  # the automatic choice: the paper's mean where no stream can rotate
+            if auto:
+                warnings.simplefilter("ignore", StreamFallbackWarning)
+            fused, stats = _fuse_to_anchor(inferences, config, data, timings, "mean" if auto else None)
         aligned = None
     if config.repair:
         from otfx.align.repair import repair
@@ -134,7 +143,7 @@ def fuse(*models, args: tuple | None = None, kwargs: dict | None = None, data=No
 
 
 def _fuse_to_anchor(inferences: list[Inference], config: FusionConfig, data,
-                    timings: dict[str, float]) -> tuple[nn.Module, list[dict]]:
+                    timings: dict[str, float], fallback: str | None = None) -> tuple[nn.Module, list[dict]]:
     """The anchor's copy with every parameter the weighted mean of the models aligned to the anchor."""
     anchor = inferences[0]
     weights_n = config.model_weights(len(inferences))
@@ -147,7 +156,7 @@ def _fuse_to_anchor(inferences: list[Inference], config: FusionConfig, data,
     last = len(inferences) - 1
     for k, other in enumerate(inferences[1:], start=1):
         t0 = time.perf_counter()
-        maps = compute_maps(anchor, other, config, data, timings, release=True)
+        maps = compute_maps(anchor, other, config, data, timings, release=True, fallback=fallback)
 
         # the anchor as the maps see it (with residual="orthogonal", its norms' gains folded)
         anchor_params = maps.params_anchor

@@ -13,6 +13,7 @@ import math
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 from otfx.align.config import FusionConfig, FusionError
 from otfx.align.maps import TransportMaps
 from otfx.align.match import check_same_architecture
+from otfx.align.orthogonal import StreamFallbackWarning
 from otfx.align.rewrite import rewrite_params
 from otfx.api import analyse
 from otfx.conventions import tied_groups
@@ -217,7 +219,8 @@ def fuse_checkpoints(anchor: str | Path, other: str | Path, out: str | Path, *, 
                      **options) -> Path:
     """Fuse two HF checkpoint folders into ``out`` by streaming (``otfx.fuse``'s weights-based fusion, the same
     numbers: the result equals ``fuse`` on the loaded models bit for bit). ``options``: those of ``fuse``."""
-    config = FusionConfig.make(weights=weights, **options).resolved(has_data=False)
+    given = FusionConfig.make(weights=weights, **options)
+    config = given.resolved(has_data=False)
     if config.needs_data():
         raise FusionError("streaming fusion reads no activations: use cost='weights' and a residual policy other "
                           "than the weighted ones, or fuse the loaded models with otfx.fuse")
@@ -237,7 +240,11 @@ def fuse_checkpoints(anchor: str | Path, other: str | Path, out: str | Path, *, 
     groups = {name: g for g in tied_groups(models[0]) for name in g}
     with atomic_dir(out, overwrite, inputs=[anchor, other], command="otfx.stream.fuse_checkpoints") as tmp:
         writer = ShardWriter(tmp, readers[0].specs(), parse_size(shard_size))
-        maps = TransportMaps(*inferences, config, params_anchor=readers[0], params_other=readers[1])
+        with warnings.catch_warnings():
+            if given.residual is None:  # the automatic choice: a stream that cannot rotate is not news
+                warnings.simplefilter("ignore", StreamFallbackWarning)
+            maps = TransportMaps(*inferences, config, params_anchor=readers[0], params_other=readers[1],
+                                 fallback="mean" if given.residual is None else None)
         maps.release = True
 
         def sink(fqn: str, value: torch.Tensor) -> None:

@@ -124,7 +124,7 @@ def test_three_model_fusion_honours_weights():
                     p.mul_(factor)
         scaled.append(otfx.trace(copy, args))
     weights = [0.5, 0.3, 0.2]
-    fused = otfx.fuse(traced, *scaled, solver="emd", weights=weights)
+    fused = otfx.fuse(traced, *scaled, solver="emd", residual="mean", weights=weights)
     expected = weights[0] + 2 * weights[1] + 3 * weights[2]
     originals = dict(model.named_parameters())
     checked = 0
@@ -164,8 +164,10 @@ def test_vanilla_fusion_and_ensemble():
 def test_plain_modules_are_traced_with_args():
     model, args = zoo.build("matmul_encoder")
     copy = otfx.random_symmetry(otfx.trace(model, args), seed=2)
-    fused = otfx.fuse(model, copy, args=args, solver="emd")
+    fused = otfx.fuse(model, copy, args=args, solver="emd", residual="mean")
     assert_same_model(fused, model, "matmul_encoder", param_atol=1e-5)
+    rotated = otfx.fuse(model, copy, args=args, solver="emd")  # the default: the stream rotated, gains folded
+    assert_same_model(rotated, model, "matmul_encoder", param_atol=None)
 
 
 def test_token_filters_run():

@@ -130,3 +130,18 @@ def test_streamed_orthogonal_fusion_equals_in_memory(tmp_path):
     for name, p in expected.named_parameters(remove_duplicate=False):
         torch.testing.assert_close(loaded[name], p, atol=1e-6, rtol=1e-5, msg=name)
     assert torch.equal(loaded["model.norm.weight"], torch.ones_like(loaded["model.norm.weight"]))  # gain folded
+
+
+def test_the_automatic_default_rotates_where_it_can_and_averages_elsewhere():
+    """No data: ``residual=None`` is orthogonal on a pre-norm ViT and the paper's mean on post-norm BERT, quietly."""
+    import warnings
+
+    for name, kind in (("hf_vit", "stream"), ("bert", "residual")):
+        _, _, ta, tb = _pair(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            fused = otfx.fuse(ta, tb)
+        kinds = {s["kind"] for s in fused.otfx_report["maps"]}
+        assert fused.otfx_report["config"]["residual"] == "orthogonal"
+        assert ("stream" in kinds) == (kind == "stream")
+    assert FusionConfig().resolved(has_data=True).residual == "mean"

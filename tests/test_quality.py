@@ -31,7 +31,7 @@ def batches(name: str, n: int = 4, batch: int = 2) -> list[tuple]:
 def test_repair_leaves_a_model_fused_with_itself_unchanged(arch):
     model, args = zoo.build(arch)
     traced = otfx.trace(model, args)
-    fused = otfx.fuse(traced, traced, solver="emd")
+    fused = otfx.fuse(traced, traced, solver="emd", residual="mean")
     before = state_copy(fused)
     repaired = repair(fused, [traced, traced], batches(arch))
     assert_state_unchanged(fused, before)
@@ -121,7 +121,7 @@ def test_activation_costs_read_each_class_where_its_readers_see_it():
     o_proj = next(r.node for r in inference.records if r.kind == "layer" and "o_proj" in r.info["weight"])
     layer = "vit.layers.0."
     for cost in ("activations", "correlation"):
-        maps = compute_maps(inference, inference, FusionConfig(cost=cost, solver="emd"))
+        maps = compute_maps(inference, inference, FusionConfig(cost=cost, solver="emd", residual="mean"))
         emb = _class_of(maps, "vit.embeddings.patch_embeddings.projection.weight")
         v = _class_of(maps, layer + "attention.v_proj.weight")
         fc1 = _class_of(maps, layer + "mlp.fc1.weight")
@@ -144,7 +144,7 @@ def test_activation_costs_recover_a_planted_permutation_with_the_paper_options(c
     model, args = zoo.build(arch)
     traced = otfx.trace(model, args)
     permuted = otfx.trace(otfx.random_symmetry(traced, seed=5), args)
-    config = FusionConfig(cost=cost, solver="emd")
+    config = FusionConfig(cost=cost, solver="emd", residual="mean")
     maps = compute_maps(analyse(traced), analyse(permuted), config, batches(arch, n=8))
     for fqn, value in aligned_params(maps).items():
         torch.testing.assert_close(value, traced.parameters()[fqn].double(), atol=1e-6, rtol=0, msg=fqn)

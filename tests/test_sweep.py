@@ -112,7 +112,8 @@ def test_real_fusion_with_val_data_and_shared_repair(pair):
     traced, data, val = pair
     seen = []
     result = otfx.sweep(*traced, data=data, val=val, metric="loss",
-                        grid={"solver": ["sinkhorn_torch", "emd"], "reg": [0.1], "repair": [False, True]})
+                        grid={"solver": ["sinkhorn_torch", "emd"], "reg": [0.1], "residual": ["mean"],
+                              "repair": [False, True]})
     assert [(r.options["solver"], r.options["repair"], r.status) for r in result.rows] == [
         ("sinkhorn_torch", False, "ok"), ("sinkhorn_torch", True, "ok"), ("emd", False, "ok"), ("emd", True, "ok")]
     assert [r.reused_alignment for r in result.rows] == [False, True, False, True]

@@ -201,6 +201,7 @@ def run_variant(variant: Variant, models: Sequence[nn.Module], traced: Sequence[
         if traced is None:
             raise ValueError(f"variant {variant.name!r} needs the traced models")
         options = dict(variant.options)
+        options.setdefault("residual", "mean")  # the paper's policy, as the pages report it (otfx's default rotates)
         if options.get("cost") == "activations" or str(options.get("residual", "")).startswith("weighted"):
             if data is None:
                 raise ValueError(f"variant {variant.name!r} needs activation data")

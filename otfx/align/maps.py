@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 import torch
@@ -23,7 +23,15 @@ from otfx.align.config import FusionConfig, FusionError
 from otfx.align.costs import cost_provider
 from otfx.align.heads import solve_heads
 from otfx.align.mapgraph import build_map_graph, todo_order
-from otfx.align.orthogonal import FoldedParams, Stream, orthogonal_streams, procrustes, stream_nodes, stream_rows
+from otfx.align.orthogonal import (
+    FoldedParams,
+    Stream,
+    StreamFallbackWarning,
+    orthogonal_streams,
+    procrustes,
+    stream_nodes,
+    stream_rows,
+)
 from otfx.align.plans import factor_marginal, identity_plan
 from otfx.align.rewrite import Rewriter, unique_params
 from otfx.align.solvers import solve
@@ -56,11 +64,13 @@ class TransportMaps:
     def __init__(self, anchor: Inference, other: Inference, config: FusionConfig,
                  acts_anchor: dict | None = None, acts_other: dict | None = None,
                  compute_dtype: torch.dtype | None = None, params_anchor: Mapping[str, torch.Tensor] | None = None,
-                 params_other: Mapping[str, torch.Tensor] | None = None):
+                 params_other: Mapping[str, torch.Tensor] | None = None, fallback: str | None = None):
         """``compute_dtype``: the dtype of features, costs and rewritten tensors; by default each parameter's
         own (at least float32). Plans are float64 whatever it is. ``params_anchor``/``params_other``: where
-        the tensors are read from (e.g. checkpoints on disk, read when needed) instead of the traced models."""
-        if config.reg is None or config.repair is None:
+        the tensors are read from (e.g. checkpoints on disk, read when needed) instead of the traced models.
+        ``fallback``: with ``residual="orthogonal"``, the policy used instead when no stream can rotate (the
+        automatic default passes ``"mean"``); None: such streams keep one transport plan each, as ``shared``."""
+        if config.reg is None or config.repair is None or config.residual is None:
             config = config.resolved(has_data=False)  # the maps alone: no repair, the default reg without it
         self.anchor, self.other, self.config = anchor, other, config
         self.structure = PairStructure(anchor, other, config)
@@ -74,7 +84,7 @@ class TransportMaps:
         self.orthogonal: dict[int, Stream] = {}
         self.invariant: set[str] = set()
         if config.residual == "orthogonal":
-            self._fold_streams()
+            self._fold_streams(fallback)
         self.compute_dtype = compute_dtype
         self.maps: dict[int, torch.Tensor] = {}
         self.stats: list[MapStats] = []
@@ -88,11 +98,19 @@ class TransportMaps:
         self._graphs: dict[tuple[str, ...], nx.DiGraph] = {}
         self._current: nx.DiGraph | None = None
 
-    def _fold_streams(self) -> None:
+    def _fold_streams(self, fallback: str | None) -> None:
         self.orthogonal, why_not = orthogonal_streams(self.structure)
+        if not self.orthogonal and fallback is not None:
+            why = "; ".join(f"{self.describe(r)}: {w}" for r, w in why_not.items()) or "the model has no residual add"
+            warnings.warn(f"otfx: residual='orthogonal': no residual stream can rotate, so residual={fallback!r} is "
+                          f"used ({why})", StreamFallbackWarning, stacklevel=4)
+            self.config = replace(self.config, residual=fallback)
+            self.structure = PairStructure(self.anchor, self.other, self.config)
+            self.part = self.structure.part
+            return
         for root, why in why_not.items():
             warnings.warn(f"otfx: residual='orthogonal': {self.describe(root)} keeps a transport plan: {why}",
-                          stacklevel=4)
+                          StreamFallbackWarning, stacklevel=4)
         if self.orthogonal:
             self.params_anchor = FoldedParams(self.params_anchor, self.orthogonal)
             self.params_other = FoldedParams(self.params_other, self.orthogonal)

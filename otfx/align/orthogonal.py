@@ -21,6 +21,10 @@ from otfx.infer.result import Inference
 
 aten = torch.ops.aten
 
+
+class StreamFallbackWarning(UserWarning):
+    """A residual stream cannot rotate: it keeps a transport plan (the warning says why)."""
+
 #: ops that move or copy a tensor without arithmetic along its feature axis
 _VIEWS = frozenset({
     aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.permute, aten.transpose, aten.t,
