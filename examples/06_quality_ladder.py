@@ -157,8 +157,11 @@ def ladder(pair: Pair, short: bool = False) -> dict:
     provider()
     if short:  # the main rungs only (4 models)
         weights, fixed = pair.choose(PAPER_W), pair.choose(FIXED)
+        ortho_a, ortho_w = pair.choose(ORTHO_A), pair.choose(ORTHO_W)
         out = {"paper: weights": weights["plain"], "+ fixed activations": fixed["plain"], "+ repair": fixed["repair"],
-               "+ anchor-free": pair.anchor_free(True), "weights + repair": weights["repair"]}
+               "+ anchor-free": pair.anchor_free(True), "+ orthogonal residual": ortho_a["repair"],
+               "weights + repair": weights["repair"], "orthogonal activations, no repair": ortho_a["plain"],
+               "weights, orthogonal (the default without data)": ortho_w["plain"]}
         for k, v in out.items():
             print(f"  {k}: val {100 * v['val']:.2f} test {100 * v['test']:.2f} (reg {v['reg']})", flush=True)
         return out
