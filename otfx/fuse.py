@@ -109,7 +109,7 @@ def fuse(*models, args: tuple | None = None, kwargs: dict | None = None, data=No
     """
     data = list(data) if data is not None else None
     given = FusionConfig.make(config, **options)
-    config = given.resolved(data is not None)
+    config = given.resolved(data is not None, len(models))
     config.validate(len(models), data is not None)
     timings: dict[str, float] = {}
     start = time.perf_counter()

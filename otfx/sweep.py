@@ -229,7 +229,7 @@ def sweep(*models, args: tuple | None = None, kwargs: dict | None = None, data=N
         except FusionError as err:
             row.status, row.reason = "skipped", str(err).splitlines()[0]
             continue
-        resolved = row.config.resolved(has_data)
+        resolved = row.config.resolved(has_data, len(models))
         row.config = resolved
         call = {**given_base, **_given(row.options)}
         t0 = time.perf_counter()

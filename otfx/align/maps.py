@@ -70,7 +70,7 @@ class TransportMaps:
         the tensors are read from (e.g. checkpoints on disk, read when needed) instead of the traced models.
         ``fallback``: with ``residual="orthogonal"``, the policy used instead when no stream can rotate (the
         automatic default passes ``"mean"``); None: such streams keep one transport plan each, as ``shared``."""
-        if config.reg is None or config.repair is None or config.residual is None:
+        if None in (config.reg, config.repair, config.residual, config.cost):
             config = config.resolved(has_data=False)  # the maps alone: no repair, the default reg without it
         self.anchor, self.other, self.config = anchor, other, config
         self.structure = PairStructure(anchor, other, config)

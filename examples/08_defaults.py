@@ -1,0 +1,189 @@
+"""Experiment 8: what ``otfx.fuse`` gives a user who changes nothing.
+
+Every row is one call with otfx's defaults, no choice made on any split: ``otfx.fuse(*parents)`` (no data),
+``otfx.fuse(*parents, data=calibration)`` (256 unlabelled training images, or 64 training blocks for BERT), and
+for comparison the paper's policy at the same reg (``residual="mean"``) and ``residual="shared"`` without data,
+vanilla averaging and the ensemble. Digits and Fashion-MNIST ViT parents (the ladder's, cached) with 2 and 4
+models in both anchor orders, and examples/05's BERT masked-LM pair. Validation and test are both reported; the
+test split decides nothing. Writes docs/results/08_defaults/{README.md,results.json}.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/common, however this file is loaded
+
+from common import runner as R  # noqa: E402
+from common.data import load_digits_split  # noqa: E402
+
+import otfx  # noqa: E402
+
+NAME = "08_defaults"
+TITLE = "One-shot fusion with otfx's defaults"
+SAMPLES = 256
+EXAMPLE_BATCH = 64
+#: row name -> (fuse options, whether the row is given the calibration data)
+ROWS = {
+    "otfx.fuse(data=...)": ({}, True),
+    "otfx.fuse()": ({}, False),
+    "residual='shared', no data": ({"residual": "shared"}, False),
+    "residual='mean' (the paper's policy), no data": ({"residual": "mean"}, False),
+}
+
+
+def _fused(traced: Sequence, options: dict, data) -> tuple[torch.nn.Module, float, dict]:
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = otfx.fuse(*traced, data=data, **options).eval()
+    return model, time.perf_counter() - t0, model.otfx_report["config"]
+
+
+def image_entry(split, spec, seeds: Sequence[int]) -> dict:
+    parents = {s: R.vit_parent(split, spec, s, progress=False) for s in seeds}
+    val, test = R.accuracy_of(split, "val"), R.accuracy_of(split, "test")
+    data = R.activation_data(split.x_train, SAMPLES)
+    entry: dict = {"parents_test": {s: test(m) for s, m in parents.items()},
+                   "parents_val": {s: val(m) for s, m in parents.items()}, "n_test": len(split.y_test), "runs": {}}
+    for n in (2, 4):
+        chosen = list(seeds[:n])
+        for order in (chosen, chosen[::-1]):
+            models = [parents[s] for s in order]
+            traced = [otfx.trace(m, (split.x_train[:EXAMPLE_BATCH],)) for m in models]
+            run: dict = {"mean_parent_test": sum(test(m) for m in models) / n,
+                         "vanilla": {"val": val(otfx.vanilla_fuse(*models)), "test": test(otfx.vanilla_fuse(*models))},
+                         "ensemble": {"val": val(otfx.ensemble(*models)), "test": test(otfx.ensemble(*models))}}
+            for row, (options, with_data) in ROWS.items():
+                model, seconds, config = _fused(traced, options, data if with_data else None)
+                run[row] = {"val": val(model), "test": test(model), "seconds": seconds,
+                            "config": {k: config[k] for k in ("cost", "residual", "reg", "repair")}}
+                print(f"  {order} {row}: val {100 * run[row]['val']:.2f} test {100 * run[row]['test']:.2f} "
+                      f"({seconds:.1f} s; {run[row]['config']})", flush=True)
+            entry["runs"][str(order)] = run
+    return entry
+
+
+def bert_entry() -> dict:
+    ladder = _module("ladder_06", "06_quality_ladder.py")
+    ex = ladder._examples_05()
+    from common import data as D
+    from common import train as T
+
+    text = D.austen_split()
+    tok = D.train_wordpiece_tokenizer(text.train, cache_dir=D.cache_root() / "tokenizers")
+    train_blocks = D.tokenize_blocks(text.train, tok, 128)
+    held = D.tokenize_blocks(text.val, tok, 128)
+    dev_blocks, test_blocks = held[: len(held) // 2], held[len(held) // 2:]
+
+    def fixed(blocks, seed):
+        return list(D.mlm_batches(blocks, tok, batch_size=32, seed=seed, shuffle=False, repeat=False))
+
+    dev, test = fixed(dev_blocks, 1001), fixed(test_blocks, 1002)
+    parents = [ex.mlm_parent(tok, train_blocks, s, 600, 1e-3, 32) for s in (0, 1)]
+    traced = [otfx.trace(m, (train_blocks[:2],)) for m in parents]
+    data = R.activation_data(train_blocks, 64, batch=16, seed=0)
+    losses: Callable = lambda m: {"val": T.evaluate_mlm_loss(m, dev), "test": T.evaluate_mlm_loss(m, test)}  # noqa: E731
+    entry: dict = {"parents": [losses(m) for m in parents], "vanilla": losses(otfx.vanilla_fuse(*parents).eval()),
+                   "ensemble_test": ex.ensemble_loss(parents, test)}
+    for row, (options, with_data) in ROWS.items():
+        model, seconds, config = _fused(traced, options, data if with_data else None)
+        entry[row] = {**losses(model), "seconds": seconds,
+                      "config": {k: config[k] for k in ("cost", "residual", "reg", "repair")}}
+        print(f"  bert {row}: val {entry[row]['val']:.3f} test {entry[row]['test']:.3f} ({seconds:.1f} s)", flush=True)
+    return entry
+
+
+def _module(name: str, file: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def page(results: dict) -> str:
+    lines = [
+        "Every row is a single `otfx.fuse` call with the defaults (no reg, cost or policy chosen on any split), "
+        f"with {SAMPLES} unlabelled training images as `data` where the row says so. Cells: test accuracy % "
+        "(validation in brackets; then % of the mean parent's test accuracy). The configuration each default "
+        "resolved to is listed below each table.", ""]
+    for ds in ("digits", "fashion-mnist"):
+        if ds not in results:
+            continue
+        entry = results[ds]
+        runs = entry["runs"]
+        orders = list(runs)
+        header = ["row", *[f"{ds} {o}" for o in orders]]
+        body = []
+        for row in (*ROWS, "vanilla", "ensemble"):
+            cells = []
+            for o in orders:
+                r, mean = runs[o][row], runs[o]["mean_parent_test"]
+                cells.append(f"{_pct(r['test'])} ({_pct(r['val'])}; {100 * r['test'] / mean:.0f}%)")
+            body.append([row, *cells])
+        body.append(["mean parent (test)", *[_pct(runs[o]["mean_parent_test"]) for o in orders]])
+        lines += [f"## {ds}", "", R.markdown_table(header, body), ""]
+        configs = {row: runs[orders[-1]][row]["config"] for row in ROWS}
+        configs2 = {row: runs[orders[0]][row]["config"] for row in ROWS}
+        lines += ["Resolved configurations (2 models / 4 models):", ""]
+        lines += [f"- {row}: {configs2[row]} / {configs[row]}" for row in ROWS]
+        lines += [""]
+    if "bert" in results:
+        b = results["bert"]
+        mean = sum(p["test"] for p in b["parents"]) / len(b["parents"])
+        gap = b["vanilla"]["test"] - mean
+
+        def closed(loss: float) -> str:
+            return f"{100 * (b['vanilla']['test'] - loss) / gap:.0f}%"
+
+        body = [[row, f"{b[row]['test']:.3f}", f"{b[row]['val']:.3f}", closed(b[row]["test"]), b[row]["config"]]
+                for row in ROWS]
+        body += [["vanilla", f"{b['vanilla']['test']:.3f}", f"{b['vanilla']['val']:.3f}", "0%", ""],
+                 ["parents", " / ".join(f"{p['test']:.3f}" for p in b["parents"]),
+                  " / ".join(f"{p['val']:.3f}" for p in b["parents"]), "100%", ""],
+                 ["ensemble", f"{b['ensemble_test']:.3f}", "", closed(b["ensemble_test"]), "2 models at inference"]]
+        lines += ["## BERT masked LM (examples/05's pair, 2 models)", "",
+                  R.markdown_table(["row", "test loss", "val loss", "gap closed", "resolved to"], body), "",
+                  "Gap closed: the share of the test-loss gap between vanilla averaging and the mean parent.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = R.example_parser(__doc__, NAME)
+    p.add_argument("--datasets", default="digits,fashion-mnist,bert")
+    args = p.parse_args(argv)
+    t_start = time.perf_counter()
+    out = R.output_dir(args, NAME)
+    wanted = args.datasets.split(",")
+    results: dict = {"command": R.command_line(), "environment": R.environment(), "samples": SAMPLES}
+    if "digits" in wanted:
+        print("digits", flush=True)
+        results["digits"] = image_entry(load_digits_split(), R.ViTSpec("digits", epochs=30), [0, 1, 2, 3])
+    if "fashion-mnist" in wanted:
+        print("fashion-mnist", flush=True)
+        split, spec = R.image_setup(False)
+        results["fashion-mnist"] = image_entry(split, spec, [0, 1, 2, 3])
+    if "bert" in wanted:
+        print("bert", flush=True)
+        results["bert"] = bert_entry()
+    seconds = results["seconds"] = time.perf_counter() - t_start
+    R.write_json(out / "results.json", results)
+    R.write_markdown(out / "README.md", TITLE, results["command"], page(results), seconds)
+    print(f"wrote {out / 'README.md'} in {seconds:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
