@@ -111,27 +111,37 @@ def todo_order(s: PairStructure, g: nx.DiGraph, names: list[str]) -> list[int]:
 
 def _drop_self_feeding_producers(g: nx.DiGraph, s: PairStructure, order: list[int]) -> None:
     """Leave out of a class's cost the producers whose input side is computed from that class itself (its
-    rows cannot be aligned before the class is); the first class reached keeps the others' producers."""
-    for root in order:
+    rows cannot be aligned before the class is); the first class reached keeps the others' producers.
+
+    A class every producer of which reads itself back (a query or value projection reached before the stream
+    it reads, when the stream's own producers, the output projections, are computed from the heads) waits
+    until a later class has cut the loop (the stream keeps its embedding and drops the projections); only
+    when no class left can keep a producer is it an error."""
+    pending = deque(r for r in order if g.nodes[r]["kind"] in ("solve", "heads"))
+    waited = 0  # classes tried in a row without one keeping a producer
+    while pending:
+        root = pending.popleft()
         data = g.nodes[root]
-        if data["kind"] not in ("solve", "heads"):
-            continue
-        kept = []
         # what is computed from this class; dropping edges into it below never changes that set
         downstream = nx.descendants(g, root) | {root}
-        for p in data["producers"]:
-            deps = [u for u, _, e in g.in_edges(root, data=True) if e["kind"] == "rows" and p.fqn in e["producers"]]
-            if any(u in downstream for u in deps):
-                for u in deps:
-                    e = g.edges[u, root]
-                    e["producers"].discard(p.fqn)
-                    if not e["producers"]:
-                        g.remove_edge(u, root)
-            else:
-                kept.append(p)
+        rows = {p.fqn: [u for u, _, e in g.in_edges(root, data=True) if e["kind"] == "rows"
+                        and p.fqn in e["producers"]] for p in data["producers"]}
+        dropped = {p.fqn for p in data["producers"] if any(u in downstream for u in rows[p.fqn])}
+        kept = [p for p in data["producers"] if p.fqn not in dropped]
         if not kept:
-            raise FusionError(f"no producer of {s.describe(root)} can be aligned: each reads the stream it writes; "
-                              "try residual='mean'")
+            if waited >= len(pending):
+                raise FusionError(f"no producer of {s.describe(root)} can be aligned: each reads the stream it "
+                                  "writes; try residual='mean'")
+            pending.append(root)
+            waited += 1
+            continue
+        waited = 0
+        for fqn in dropped:
+            for u in rows[fqn]:
+                e = g.edges[u, root]
+                e["producers"].discard(fqn)
+                if not e["producers"]:
+                    g.remove_edge(u, root)
         data["producers"] = kept
 
 
