@@ -368,14 +368,12 @@ def _examples_05():
     return module
 
 
-def bert_ladder(steps: int = 600) -> dict:
-    """The ladder on examples/05's pair: two tiny BERT masked LMs on Austen (seeds 0 and 1, cached), losses on
-    05's dev (choices) and test (reported) halves; activation costs and REPAIR read 64 training blocks."""
+def bert_pair(steps: int = 600) -> tuple:
+    """examples/05's pair and splits: (its module, dev batches, test batches, the two cached parents, traced,
+    64 training blocks as calibration data)."""
     from common import data as D
-    from common import train as T
 
     ex = _examples_05()
-    t0 = time.perf_counter()
     text = D.austen_split()
     tok = D.train_wordpiece_tokenizer(text.train, cache_dir=D.cache_root() / "tokenizers")
     train_blocks = D.tokenize_blocks(text.train, tok, 128)
@@ -385,10 +383,19 @@ def bert_ladder(steps: int = 600) -> dict:
     def fixed(blocks, seed):
         return list(D.mlm_batches(blocks, tok, batch_size=32, seed=seed, shuffle=False, repeat=False))
 
-    dev, test = fixed(dev_blocks, 1001), fixed(test_blocks, 1002)
     parents = [ex.mlm_parent(tok, train_blocks, s, steps, 1e-3, 32) for s in (0, 1)]
     traced = [otfx.trace(m, (train_blocks[:2],)) for m in parents]
     data = R.activation_data(train_blocks, 64, batch=16, seed=0)
+    return ex, fixed(dev_blocks, 1001), fixed(test_blocks, 1002), parents, traced, data
+
+
+def bert_ladder(steps: int = 600) -> dict:
+    """The ladder on examples/05's pair: two tiny BERT masked LMs on Austen (seeds 0 and 1, cached), losses on
+    05's dev (choices) and test (reported) halves; activation costs and REPAIR read 64 training blocks."""
+    from common import train as T
+
+    t0 = time.perf_counter()
+    ex, dev, test, parents, traced, data = bert_pair(steps)
     aligned = [traced[0], otfx.align(traced[1], to=traced[0])]
     dev_loss, test_loss = (lambda m: T.evaluate_mlm_loss(m, dev)), (lambda m: T.evaluate_mlm_loss(m, test))
     entry: dict = {"parents_dev": [dev_loss(m) for m in parents], "parents_test": [test_loss(m) for m in parents],

@@ -73,24 +73,9 @@ def image_entry(split, spec, seeds: Sequence[int]) -> dict:
 
 
 def bert_entry() -> dict:
-    ladder = _module("ladder_06", "06_quality_ladder.py")
-    ex = ladder._examples_05()
-    from common import data as D
     from common import train as T
 
-    text = D.austen_split()
-    tok = D.train_wordpiece_tokenizer(text.train, cache_dir=D.cache_root() / "tokenizers")
-    train_blocks = D.tokenize_blocks(text.train, tok, 128)
-    held = D.tokenize_blocks(text.val, tok, 128)
-    dev_blocks, test_blocks = held[: len(held) // 2], held[len(held) // 2:]
-
-    def fixed(blocks, seed):
-        return list(D.mlm_batches(blocks, tok, batch_size=32, seed=seed, shuffle=False, repeat=False))
-
-    dev, test = fixed(dev_blocks, 1001), fixed(test_blocks, 1002)
-    parents = [ex.mlm_parent(tok, train_blocks, s, 600, 1e-3, 32) for s in (0, 1)]
-    traced = [otfx.trace(m, (train_blocks[:2],)) for m in parents]
-    data = R.activation_data(train_blocks, 64, batch=16, seed=0)
+    ex, dev, test, parents, traced, data = _module("ladder_06", "06_quality_ladder.py").bert_pair()
     losses: Callable = lambda m: {"val": T.evaluate_mlm_loss(m, dev), "test": T.evaluate_mlm_loss(m, test)}  # noqa: E731
     entry: dict = {"parents": [losses(m) for m in parents], "vanilla": losses(otfx.vanilla_fuse(*parents).eval()),
                    "ensemble_test": ex.ensemble_loss(parents, test)}
