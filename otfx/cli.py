@@ -179,7 +179,8 @@ def _fuse_options(args: argparse.Namespace, n: int) -> dict:
     options = {"cost": args.cost, "solver": args.solver, "reg": reg, "residual": args.residual,
                "heads": args.heads, "qk": args.qk, "tokens": _check_tokens(args.tokens),
                "weights": _parse_weights(args.weights, n), "max_iter": args.max_iter,
-               "repair": getattr(args, "repair", None), "anchor_free": getattr(args, "anchor_free", None)}
+               "repair": getattr(args, "repair", None), "anchor_free": getattr(args, "anchor_free", None),
+               "select": getattr(args, "select", None)}
     if reg is not None and not (reg > 0 and math.isfinite(reg)):
         raise OtfxInputError(f"--reg must be a positive finite number, got {reg}")
     if args.max_iter is not None and args.max_iter < 1:
@@ -345,6 +346,9 @@ def cmd_fuse(args: argparse.Namespace) -> int:
                      "data": args.data, "inputs": [list(t.shape) for t in example],
                      "input_dtypes": [str(t.dtype) for t in example]}
     report.add_fusion(_fusion_stats(fused))
+    selection = (getattr(fused, "otfx_report", None) or {}).get("selection")
+    if selection:
+        report.results["selection"] = {k: selection[k] for k in ("metric", "rows", "best")}
     if args.onnx:
         report.results["onnx"] = {"file": "model.onnx", "status": "not run yet"}
 
@@ -367,6 +371,12 @@ def cmd_fuse(args: argparse.Namespace) -> int:
                                                        if summary.get("iterations", {}).get("max") else "")
               + (f", {summary['not_converged']} not converged" if summary.get("not_converged") else "")
               + (f", {summary['fallbacks']} fallbacks" if summary.get("fallbacks") else ""))
+    if selection:
+        tried = [r for r in selection["rows"] if r["status"] == "ok"]
+        best = selection["best"]
+        chosen = ", ".join(f"{k} {best[k]}" for k in ("cost", "reg", "residual") if k in best)
+        print(f"chose {chosen} among {len(tried)} candidates ({selection['metric']} to the models' mean "
+              f"{best[selection['metric']]:.4g} on --data; --select off to fuse once)")
     onnx_check, status = None, 0
     if args.onnx:
         onnx_check, status = _fused_onnx(fused, example, Path(out), report)
@@ -746,6 +756,11 @@ def _fusion_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                             "--data)")
     g.add_argument("--anchor-free", action=argparse.BooleanOptionalAction, default=None,
                    help="align every model to a common barycentre (MergeMany), not to the anchor")
+    if not sweep:
+        g.add_argument("--select", choices=["kl", "mse", "off"],
+                       help="with --data, fuse a few candidates for the options not given (cost, reg, residual) and "
+                            "keep the one that agrees best with the models' mean output on --data, no labels read: "
+                            "kl (outputs are logits, the default), mse (other outputs) or off")
     g.add_argument("--tokens", metavar="all|cls|window:N")
     g.add_argument("--weights", metavar="W1,W2,...", help="model weights, like 0.5,0.5")
     g.add_argument("--max-iter", type=int, help="solver iteration limit")
@@ -915,6 +930,8 @@ def _merge_config(args: argparse.Namespace, sub: argparse.ArgumentParser) -> Non
         elif dest == "checkpoint" and not isinstance(value, list):
             value = [value]
         action = dests[dest]
+        if isinstance(value, bool) and action.choices is not None and "off" in action.choices:
+            value = "on" if value else "off"  # YAML reads a bare off/on as a boolean
         if action.type is not None and not isinstance(value, (list, bool)):
             try:
                 value = action.type(value)

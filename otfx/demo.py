@@ -289,8 +289,10 @@ def run_demo(config: DemoConfig) -> DemoResult:
     add("otfx default, no data", *fused["otfx default, no data"],
         "fuse(a, b): weights, one rotation of the residual stream, Sinkhorn reg 0.06")
     fused["otfx default, with data"] = _timed(otfx.fuse, *traced, data=data)
+    chosen = fused["otfx default, with data"][0].otfx_report["config"]
     add("otfx default, with data", *fused["otfx default, with data"],
-        f"fuse(a, b, data=...): weights + REPAIR, reg 0.25; {config.act_samples} unlabelled training images")
+        f"fuse(a, b, data=...): {chosen['cost']}, reg {chosen['reg']:g} + REPAIR, chosen without labels among 4; "
+        f"{config.act_samples} unlabelled training images")
 
     by_name = {r["model"]: r for r in rows}
     keep = max(fused, key=lambda n: by_name[n]["val"])  # the fused model to save: best OT variant on val

@@ -18,6 +18,7 @@ from otfx.align.orthogonal import StreamFallbackWarning
 from otfx.align.rewrite import rewrite_params
 from otfx.api import analyse
 from otfx.infer.result import Inference
+from otfx.select import select_and_fuse, should_select
 from otfx.trace import Traced, eval_mode, main_output, trace
 
 
@@ -103,8 +104,10 @@ def fuse(*models, args: tuple | None = None, kwargs: dict | None = None, data=No
     Every other model is aligned to the anchor with transport maps computed over the map graph, then the
     parameters are averaged with ``weights`` (uniform by default). ``options`` are the fields of
     :class:`FusionConfig` (``cost``, ``solver``, ``reg``, ``residual``, ``heads``, ``qk``, ``tokens``,
-    ``weights``, ``max_iter``, ``repair``, ``anchor_free``), over ``config`` or the defaults. ``data``: batches of
-    inputs for activation costs and repair. Returns a new module; the inputs are not modified.
+    ``weights``, ``max_iter``, ``repair``, ``anchor_free``, ``select``), over ``config`` or the defaults. ``data``:
+    batches of inputs for activation costs and repair; with it, the options left None are chosen among a few
+    candidates by how well each fused model agrees with the parents on ``data`` (``select``, no labels).
+    Returns a new module; the inputs are not modified.
     ``fused.otfx_report`` holds per-map statistics and stage timings.
     """
     data = list(data) if data is not None else None
@@ -116,6 +119,14 @@ def fuse(*models, args: tuple | None = None, kwargs: dict | None = None, data=No
     inferences = _analysed(models, args, kwargs)
     _check_inputs(inferences)
     timings["trace_and_infer"] = time.perf_counter() - start
+    if should_select(given, data is not None):
+        result = select_and_fuse([i.traced for i in inferences], data, given, fuse)
+        fused = result.best_model
+        timings["total"] = time.perf_counter() - start
+        fused.otfx_report = {**fused.otfx_report, "selection": result.to_dict(),
+                             "timings": {**fused.otfx_report.get("timings", {}), "selection": result.timings,
+                                         "total": timings["total"]}}
+        return fused
     if config.anchor_free:
         from otfx.align.barycentre import anchor_free_fuse
 

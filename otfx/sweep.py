@@ -174,7 +174,7 @@ def sweep(*models, args: tuple | None = None, kwargs: dict | None = None, data=N
           evaluate: Callable[[nn.Module], float] | None = None, val=None, metric: str | None = None,
           higher_is_better: bool | None = None, grid: Mapping[str, Sequence] | Sequence[Mapping] | None = None,
           fuse: Callable[..., nn.Module] | None = None, progress: Callable[[list], Iterable] | None = None,
-          **options) -> SweepResult:
+          baselines: bool = True, **options) -> SweepResult:
     """Fuse ``models`` (the anchor first) once per combination of ``grid`` and keep the best on validation data.
 
     Score with ``evaluate(model) -> float`` (say ``metric=`` "accuracy"/"loss" or ``higher_is_better=``), or
@@ -185,7 +185,8 @@ def sweep(*models, args: tuple | None = None, kwargs: dict | None = None, data=N
     ``FusionConfig`` options under the grid. A combination the configuration refuses is skipped with the reason;
     one whose fusion raises is recorded as failed; the others go on. Models are traced once (pass ``args`` for
     modules); with ``otfx.fuse`` a repaired row reuses the alignment of its unrepaired twin. ``fuse``: the fusion
-    function (default ``otfx.fuse``), called as ``fuse(*models, data=data, **row_options)``.
+    function (default ``otfx.fuse``), called as ``fuse(*models, data=data, **row_options)``. ``baselines=False``
+    skips scoring the parents, vanilla averaging and the ensemble.
     """
     start = time.perf_counter()
     data = list(data) if data is not None else None
@@ -193,6 +194,8 @@ def sweep(*models, args: tuple | None = None, kwargs: dict | None = None, data=N
     score, metric, higher = _scorer(evaluate, val, metric, higher_is_better, models)
     if len(models) < 2:
         raise FusionError(f"a sweep needs at least two models, got {len(models)}")
+    if fuse is None:
+        options.setdefault("select", "off")  # every row fuses what the grid says, nothing chosen inside it
     base = FusionConfig.make(**options)
     traced = [_traced(m, i, args, kwargs) for i, m in enumerate(models)]
     combos = combinations(grid if grid is not None else default_grid(has_data, base.solver), base.solver)
@@ -206,10 +209,10 @@ def sweep(*models, args: tuple | None = None, kwargs: dict | None = None, data=N
         return value
 
     t0 = time.perf_counter()
-    parents = [timed_score(t.model) for t in traced]
+    parents = [timed_score(t.model) for t in traced] if baselines else []
     weights = base.weights
     baseline, notes = {}, {}
-    for name, build in (("vanilla fusion", vanilla_fuse), ("ensemble", ensemble)):
+    for name, build in (("vanilla fusion", vanilla_fuse), ("ensemble", ensemble)) if baselines else ():
         try:
             baseline[name] = timed_score(build(*traced, weights=weights))
         except (FusionError, ValueError, RuntimeError) as err:  # vanilla fusion needs equal shapes: say so

@@ -432,6 +432,26 @@ def test_fuse_with_activation_data(tmp_path, capsys, models):
 
 
 @needs_fuse
+def test_fuse_with_data_chooses_options_without_labels_and_says_which(tmp_path, capsys, models):
+    ids = np.random.default_rng(1).integers(5, zoo.VOCAB, (6, 12))
+    np.save(tmp_path / "ids.npy", ids)
+    code, out, err = run(capsys, "fuse", models["bert_a"], models["bert_b"], "--data", tmp_path / "ids.npy",
+                         "--data-batch", "4", "--out", tmp_path / "fused")
+    assert code == 0, err
+    report = json.loads((tmp_path / "fused" / "report.json").read_text())
+    selection = report["selection"]
+    best = selection["best"]
+    assert len([r for r in selection["rows"] if r["status"] == "ok"]) == 4
+    assert f"chose cost {best['cost']}, reg {best['reg']}, residual orthogonal among 4 candidates" in out
+    assert report["config"]["options"]["cost"] == best["cost"] and report["config"]["options"]["reg"] == best["reg"]
+    code, out, err = run(capsys, "fuse", models["bert_a"], models["bert_b"], "--data", tmp_path / "ids.npy",
+                         "--data-batch", "4", "--select", "off", "--out", tmp_path / "once")
+    assert code == 0, err
+    assert "chose" not in out
+    assert "selection" not in json.loads((tmp_path / "once" / "report.json").read_text())
+
+
+@needs_fuse
 def test_sweep_real(tmp_path, capsys, models):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "eval.npz", x=rng.normal(size=(8, 3, 16, 16)).astype(np.float32), y=rng.integers(0, 10, 8))

@@ -148,12 +148,12 @@ def test_the_automatic_default_rotates_where_it_can_and_averages_elsewhere():
 
 
 def test_with_data_three_models_default_to_activations_and_rotations():
-    """``fuse(A, B, C, data=...)``: activations cost, orthogonal stream, repair; with EMD, A fused with two of
-    its symmetric copies is A again."""
+    """``fuse(A, B, C, data=..., select="off")``: activations cost, orthogonal stream, repair; with EMD, A fused
+    with two of its symmetric copies is A again."""
     ma, _, ta, _ = _pair("hf_vit")
     copies = [otfx.trace(otfx.random_symmetry(ta, seed=s), ta.args) for s in (5, 6)]
     data = [testing.inputs("hf_vit", 8, 8, seed=s)[0] for s in range(3)]
-    fused = otfx.fuse(ta, *copies, data=data, solver="emd", heads="aware", qk="tied")
+    fused = otfx.fuse(ta, *copies, data=data, solver="emd", heads="aware", qk="tied", select="off")
     config = fused.otfx_report["config"]
     assert (config["cost"], config["residual"], config["repair"]) == ("activations", "orthogonal", True)
     assert "stream" in {s["kind"] for s in fused.otfx_report["maps"]}
