@@ -96,3 +96,15 @@ def test_head_dim_maps_keep_rotary_dims_and_never_mix_them_with_pass_through_dim
     rotary, passed = slice(0, 4), slice(4, 8)
     torch.testing.assert_close(head_dim[rotary, rotary], torch.eye(4, dtype=torch.float64))
     assert float(head_dim[rotary, passed].abs().sum()) == 0 and float(head_dim[passed, rotary].abs().sum()) == 0
+
+
+def test_fused_qkv_value_dims_are_solved_with_their_heads():
+    """GPT-NeoX's q|k|v head dim is a sum: the value dims are a part the heads node owns (they were kept in
+    order, with a warning, while the whole head dim was solved as one)."""
+    a, b = _model("gpt_neox", 0), _model("gpt_neox", 1)
+    args = (_ids(0),)
+    maps = TransportMaps(otfx.analyse(a, args), otfx.analyse(b, args), FusionConfig.alignment(solver="emd"))
+    kinds = dict(maps.graph.nodes(data="kind"))
+    assert "keep" not in kinds.values(), kinds
+    heads = [r for r, kind in kinds.items() if kind == "heads"]
+    assert all(len(maps.graph.nodes[r]["owns"]) == 4 for r in heads)  # heads, q|k|v dims, q/k pass-through, v
