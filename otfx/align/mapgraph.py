@@ -64,8 +64,10 @@ def _node(s: PairStructure, root: int, owners: dict[int, int], reads_rows: bool)
                         deps.append((s.root(sid), "rows", p.fqn))
         attrs = {"producers": list(s.producers[root])}
         if s.head_aware(root):
-            owns = [f for f in s.flat_factors(root) if owners.get(f) == root]
-            deps += [(f, "factor", None) for f in s.flat_factors(root) if f not in owns]
+            factors = s.flat_factors(root)
+            parts = _inner_parts(s, factors[-1]) if owners.get(factors[-1]) == root else []
+            owns = [f for f in factors + parts if owners.get(f) == root]
+            deps += [(f, "factor", None) for f in factors + parts if f not in owns]
             return "heads", deps, {**attrs, "owns": owns}
         return "solve", deps, attrs
     if root in s.combines:
@@ -90,10 +92,22 @@ def _head_owners(s: PairStructure) -> dict[int, int]:
     aware.sort(key=lambda r: len(s.flat_factors(r)) != 2)  # stable: graph order within each group
     owners: dict[int, int] = {}
     for carrier in aware:
-        for f in s.flat_factors(carrier):
+        factors = s.flat_factors(carrier)
+        for f in factors:
             if not s.is_fixed(f) and f not in owners:
                 owners[f] = carrier
+        if owners.get(factors[-1]) == carrier:  # the head dim's free parts are solved with it
+            for part in _inner_parts(s, factors[-1]):
+                if part not in owners and part not in s.producers and part not in s.combines:
+                    owners[part] = carrier
     return owners
+
+
+def _inner_parts(s: PairStructure, inner: int) -> list[int]:
+    """The free parts of a head dim that is a direct sum (partial rotary's pass-through dims, a fused head's
+    value dims), each once; empty where the head dim is one part."""
+    parts = [root for root, _, _, free in s.dim_parts(inner) if free and root != s.root(inner)]
+    return list(dict.fromkeys(parts))
 
 
 def todo_order(s: PairStructure, g: nx.DiGraph, names: list[str]) -> list[int]:

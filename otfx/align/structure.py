@@ -66,12 +66,34 @@ class PairStructure:
             return [root]
         return [leaf for child in structure[1] for leaf in self.flat_factors(child)]
 
+    def leaves(self, sid: int) -> list[int]:
+        """The atomic classes a class is made of, through its sums and products, in order."""
+        root = self.root(sid)
+        structure = self.part.structure.get(root)
+        if structure is None:
+            return [root]
+        return [leaf for child in structure[1] for leaf in self.leaves(child)]
+
+    def pinned(self, sid: int) -> bool:
+        """Whether any atomic part of a class is fixed (rotary dims pinned by their frequencies)."""
+        return any(self.part.is_fixed(leaf) for leaf in self.leaves(sid))
+
+    def dim_parts(self, sid: int) -> list[tuple[int, int, int, bool]]:
+        """The parts of a head dim in order, as (class, anchor width, other width, free): a direct sum is split
+        into its parts (rotary and pass-through dims, the q | k | v dims of a fused head), and a part with a
+        fixed leaf stays put as a whole (a map inside it would not commute with the rotary op)."""
+        root = self.root(sid)
+        structure = self.part.structure.get(root)
+        if structure and structure[0] == "sum":
+            return [part for child in structure[1] for part in self.dim_parts(child)]
+        return [(root, *self.width(root), not self.pinned(root))]
+
     def head_aware(self, root: int) -> bool:
-        """A produced product solved head by head: asked for, or needed where a factor is fixed (rotary head
-        dims must stay put)."""
+        """A produced product solved head by head: asked for, or needed where a factor has a fixed part (rotary
+        head dims must stay put, partial rotary's pass-through dims move only among themselves)."""
         structure = self.structure(root)
         return bool(structure and structure[0] == "prod" and (
-            self.config.heads == "aware" or any(self.part.is_fixed(f) for f in self.flat_factors(root))))
+            self.config.heads == "aware" or any(self.pinned(f) for f in self.flat_factors(root))))
 
     def params_of(self, root: int) -> list[str]:
         """``fqn axis k`` of the anchor's parameter axes in a class."""
