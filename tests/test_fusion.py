@@ -215,3 +215,32 @@ def test_bad_input_gets_clear_errors():
     five = transformers.ViTForImageClassification(transformers.ViTConfig(**cfg | {"num_labels": 5})).eval()
     with pytest.raises(otfx.FusionError, match="cannot be aligned"):
         otfx.fuse(otfx.trace(vit, vit_args), otfx.trace(five, vit_args))
+
+
+class _ZeroWidthBranch(torch.nn.Module):
+    """An MLP with a zero-width layer beside it (what MobileBERT's head becomes when its hidden size equals its
+    embedding size): the empty branch's output is concatenated to the hidden units."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.empty = torch.nn.Linear(8, 16), torch.nn.Linear(8, 0)
+        self.fc2 = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([torch.nn.functional.gelu(self.fc1(x)), self.empty(x)], dim=-1)
+        return self.fc2(h)
+
+
+def test_a_zero_width_layer_is_left_alone_and_the_rest_recovered():
+    torch.manual_seed(0)
+    model = _ZeroWidthBranch().eval()
+    x = torch.randn(4, 8)
+    ta = otfx.trace(model, (x,))
+    copy = otfx.random_symmetry(ta, seed=2)
+    assert not torch.equal(copy.fc1.weight, model.fc1.weight), "the symmetry did not move the hidden units"
+    fused = otfx.fuse(ta, otfx.trace(copy, (x,)), solver="emd")
+    for (name, p), q in zip(fused.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5, msg=name)
+    aligned = otfx.align(otfx.trace(copy, (x,)), to=ta)
+    with torch.no_grad():
+        torch.testing.assert_close(aligned(x), copy(x), atol=1e-5, rtol=1e-5)

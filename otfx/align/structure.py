@@ -47,9 +47,10 @@ class PairStructure:
         return self.part.is_fixed(sid)
 
     def trivial(self, root: int) -> bool:
-        """A fixed class of equal widths: moving along it leaves a tensor as it is (no plan is built)."""
+        """A fixed class of equal widths, or one of width 0 or 1: moving along it leaves a tensor as it is (no plan
+        is built)."""
         n_a, n_b = self.width(root)
-        return n_a == n_b and (self.part.is_fixed(root) or n_a == 1)
+        return n_a == n_b and (self.part.is_fixed(root) or n_a <= 1)
 
     def structure(self, root: int) -> tuple[str, list[int]] | None:
         return self.part.structure.get(self.root(root))
