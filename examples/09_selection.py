@@ -123,8 +123,8 @@ def page(results: dict) -> str:
         for order, s in results[ds]["settings"].items():
             scale = 1.0 if ds == "bert" else 100.0
 
-            def cell(r: dict, scale: float = scale) -> str:
-                return f"{scale * r['test']:.2f} ({scale * r['val']:.2f})"
+            def cell(r: dict, scale: float = scale, digits: int = 3 if ds == "bert" else 2) -> str:
+                return f"{scale * r['test']:.{digits}f} ({scale * r['val']:.{digits}f})"
 
             p = s["picked"]
             body.append([f"{ds} {order}", f"{s['spearman_score_val']:+.2f}", cell(p),
@@ -134,6 +134,15 @@ def page(results: dict) -> str:
                 gains.append((p["val"] - s["default"]["val"], p["test"] - s["default"]["test"]))
     lines += [R.markdown_table(["setting", "Spearman", "picked", "picked config", "default (select off)",
                                 "best on val", "lowest score on the whole grid"], body), ""]
+    wins, settings = 0, 0
+    for ds in ("digits", "fashion-mnist", "bert"):
+        for s in results.get(ds, {}).get("settings", {}).values():
+            best = max if ds != "bert" else min
+            by_cost = {c: best(r["val"] for r in s["rows"] if r["cost"] == c) for c in ("weights", "activations")}
+            settings += 1
+            wins += by_cost["activations"] == best(by_cost.values())
+    lines += [f"Activations against weights: the grid's best activations configuration is at least as good on "
+              f"validation as its best weights configuration in {wins} of {settings} settings.", ""]
     if gains:
         lines += [f"Images, picked minus default, mean over {len(gains)} settings: validation "
                   f"{100 * sum(g[0] for g in gains) / len(gains):+.2f} points, test "
