@@ -31,8 +31,10 @@ class PairStructure:
     def __init__(self, anchor: Inference, other: Inference, config: FusionConfig):
         self.anchor, self.other, self.config = anchor, other, config
         self.part = merged(anchor.spaces, config.merged_kinds())
-        self.producers = self._producers()
         self.combines = self._combines()
+        #: classes whose only producers are parameters written into them as they are (a bias, an attention
+        #: sink), where the graph gives the plan anyway: those rows describe the class but do not solve it
+        self.producers, self.described = self._producers()
         self.carriers = self._carriers()
         self.act_nodes = self._act_nodes()
 
@@ -123,25 +125,45 @@ class PairStructure:
         return candidates[0] if candidates else None
 
     # ---- tables ---------------------------------------------------------------------------------------
-    def _producers(self) -> dict[int, list[Producer]]:
-        table: dict[int, list[Producer]] = defaultdict(list)
+    def _producers(self) -> tuple[dict[int, list[Producer]], dict[int, list[Producer]]]:
+        """(the producers that solve each class, the written-only producers of classes the graph gives anyway).
 
-        def give(sid: int, fqn: str, axis: int, off_a: int, off_b: int) -> None:
+        A parameter written into a class as it is (a zero-initialised bias, one sink per head) may carry little
+        or nothing that tells its neurons apart, and a class with a producer is solved from its rows alone; so
+        where every producer of a class is written and a residual add or concat, a produced product the class
+        is a factor of, or its own factors give its plan, the graph's plan is kept."""
+        table: dict[int, list[Producer]] = defaultdict(list)
+        layered: set[int] = set()  # classes with a layer's rows among their producers
+
+        def give(sid: int, fqn: str, axis: int, off_a: int, off_b: int, written: bool) -> None:
             root = self.root(sid)
             if self.part.is_fixed(root):
                 return  # a fixed space needs no cost (position tables also write the sequence axis)
             structure = self.part.structure.get(root)
             if structure and structure[0] == "sum":
                 for child in structure[1]:
-                    give(child, fqn, axis, off_a, off_b)
+                    give(child, fqn, axis, off_a, off_b, written)
                     n_a, n_b = self.width(child)
                     off_a, off_b = off_a + n_a, off_b + n_b
-            elif Producer(fqn, axis, off_a, off_b) not in table[root]:
+                return
+            if not written:
+                layered.add(root)
+            if Producer(fqn, axis, off_a, off_b) not in table[root]:
                 table[root].append(Producer(fqn, axis, off_a, off_b))
 
-        for space, fqn, axis, _node in self.anchor.producer_list:
-            give(space, fqn, axis, 0, 0)
-        return dict(table)
+        for p in self.anchor.producer_list:
+            give(p.space, p.param, p.axis, 0, 0, p.written)
+        carried = {f for root in layered for f in self.flat_factors(root) if f != root}
+
+        def given(root: int) -> bool:
+            if root in self.combines or root in carried:
+                return True
+            structure = self.part.structure.get(root)
+            return bool(structure and structure[0] == "prod" and all(
+                f in layered or self.part.is_fixed(f) or given(f) for f in self.flat_factors(root)))
+
+        described = {root: ps for root, ps in table.items() if root not in layered and given(root)}
+        return {root: ps for root, ps in table.items() if root not in described}, described
 
     def _combines(self) -> dict[int, Record]:
         table: dict[int, Record] = {}

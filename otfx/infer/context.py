@@ -33,12 +33,15 @@ class Record:
 
 
 class Producer(NamedTuple):
-    """Parameter rows that create (or describe) a space: a layer's output, a class token, a position table."""
+    """Parameter rows that create (or describe) a space: a layer's output, a class token, a position table.
+    ``written``: the parameter is put into the stream as it is (added or concatenated: a bias, a class token,
+    an attention sink), not the rows of a layer."""
 
     space: int
     param: str
     axis: int
     node: str
+    written: bool = False
 
 
 class Frozen(NamedTuple):
@@ -148,7 +151,7 @@ class InferContext:
         values along ``axis`` describe the neurons of that space, like a layer's rows."""
         view = self.param_view.get(param)
         if view is not None and axis < len(view[1]) and view[1][axis] is not None:
-            self.producers.append(Producer(space, view[0], view[1][axis], node.name))
+            self.producers.append(Producer(space, view[0], view[1][axis], node.name, written=True))
 
     def consume(self, weight: fx.Node, axis: int) -> None:
         """Record that ``weight``'s ``axis`` is contracted with an input activation."""

@@ -1,6 +1,7 @@
 """Weights-based cost (the paper's): a neuron is the rows of the parameters that produce it, with their input
-side already aligned; each producer's rows are scaled to unit norm, and the cost is the Euclidean distance
-between the concatenated rows."""
+side already aligned; each producer's rows are scaled to unit norm (rows of one value, a per-channel scale or
+a per-head sink, all by one factor to unit mean square: each row's own norm would leave only its sign), and the
+cost is the Euclidean distance between the concatenated rows."""
 
 from __future__ import annotations
 
@@ -62,14 +63,24 @@ def sq_dists(rows_b: torch.Tensor, rows_a: torch.Tensor, unit: bool) -> torch.Te
     norm_a, norm_b = rows_a.norm(dim=1), rows_b.norm(dim=1)
     gram = rows_b @ rows_a.T
     if unit:
-        scale_a, scale_b = 1 / (norm_a + 1e-9), 1 / (norm_b + 1e-9)
+        scale_a, scale_b = unit_scale(rows_a, norm_a), unit_scale(rows_b, norm_b)
         gram.mul_(scale_b[:, None]).mul_(scale_a[None])
         norm_a, norm_b = norm_a * scale_a, norm_b * scale_b
     return gram.mul_(-2).add_(norm_b.square()[:, None]).add_(norm_a.square()[None])
 
 
+def unit_scale(x: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """The factor of each row of ``x`` that ``unit_rows`` applies: one over its norm, or for rows of one value
+    one common factor that gives them unit mean square (scaled one by one they would all be +-1, and neurons of
+    the same sign would look the same)."""
+    norms = x.norm(dim=1) if norms is None else norms
+    if x.shape[1] == 1:
+        return (norms.square().mean().sqrt() + 1e-9).reciprocal().expand_as(norms)
+    return 1 / (norms + 1e-9)
+
+
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
-    return x / (x.norm(dim=1, keepdim=True) + 1e-9)
+    return x * unit_scale(x)[:, None]
 
 
 def distances(rows_b: torch.Tensor, rows_a: torch.Tensor) -> torch.Tensor:
