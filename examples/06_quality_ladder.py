@@ -358,22 +358,12 @@ BERT_RUNGS = ("paper: weights", "paper: activations", "+ fixed activations", "+ 
               "+ orthogonal residual")
 
 
-def _examples_05():
-    """examples/05_bert_mlm.py as a module (its cached parents and the ensemble's loss)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bert_mlm_05", Path(__file__).resolve().parent / "05_bert_mlm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def bert_pair(steps: int = 600) -> tuple:
     """examples/05's pair and splits: (its module, dev batches, test batches, the two cached parents, traced,
     64 training blocks as calibration data)."""
     from common import data as D
 
-    ex = _examples_05()
+    ex = R.load_example("05_bert_mlm.py")
     text = D.austen_split()
     tok = D.train_wordpiece_tokenizer(text.train, cache_dir=D.cache_root() / "tokenizers")
     train_blocks = D.tokenize_blocks(text.train, tok, 128)

@@ -10,7 +10,6 @@ test split decides nothing. Writes docs/results/08_defaults/{README.md,results.j
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 import warnings
@@ -23,7 +22,6 @@ torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/common, however this file is loaded
 
 from common import runner as R  # noqa: E402
-from common.data import load_digits_split  # noqa: E402
 
 import otfx  # noqa: E402
 
@@ -78,7 +76,7 @@ def image_entry(split, spec, seeds: Sequence[int]) -> dict:
 def bert_entry() -> dict:
     from common import train as T
 
-    ex, dev, test, parents, traced, data = _module("ladder_06", "06_quality_ladder.py").bert_pair()
+    ex, dev, test, parents, traced, data = R.load_example("06_quality_ladder.py").bert_pair()
     losses: Callable = lambda m: {"val": T.evaluate_mlm_loss(m, dev), "test": T.evaluate_mlm_loss(m, test)}  # noqa: E731
     entry: dict = {"parents": [losses(m) for m in parents], "vanilla": losses(otfx.vanilla_fuse(*parents).eval()),
                    "ensemble_test": ex.ensemble_loss(parents, test)}
@@ -88,13 +86,6 @@ def bert_entry() -> dict:
                       "config": {k: config[k] for k in ("cost", "residual", "reg", "repair")}}
         print(f"  bert {row}: val {entry[row]['val']:.3f} test {entry[row]['test']:.3f} ({seconds:.1f} s)", flush=True)
     return entry
-
-
-def _module(name: str, file: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _pct(value: float) -> str:
@@ -152,29 +143,7 @@ def page(results: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = R.example_parser(__doc__, NAME)
-    p.add_argument("--datasets", default="digits,fashion-mnist,bert")
-    args = p.parse_args(argv)
-    t_start = time.perf_counter()
-    out = R.output_dir(args, NAME)
-    wanted = args.datasets.split(",")
-    results: dict = {"command": R.command_line(), "environment": R.environment(), "samples": SAMPLES}
-    if "digits" in wanted:
-        print("digits", flush=True)
-        results["digits"] = image_entry(load_digits_split(), R.ViTSpec("digits", epochs=30), [0, 1, 2, 3])
-    if "fashion-mnist" in wanted:
-        print("fashion-mnist", flush=True)
-        split, spec = R.image_setup(False)
-        results["fashion-mnist"] = image_entry(split, spec, [0, 1, 2, 3])
-    if "bert" in wanted:
-        print("bert", flush=True)
-        results["bert"] = bert_entry()
-    seconds = results["seconds"] = time.perf_counter() - t_start
-    R.write_json(out / "results.json", results)
-    R.write_markdown(out / "README.md", TITLE, results["command"], page(results), seconds)
-    print(f"wrote {out / 'README.md'} in {seconds:.0f} s")
-    return 0
-
+    return R.datasets_main(argv, __doc__, NAME, TITLE, {"samples": SAMPLES}, image_entry, bert_entry, page)
 
 if __name__ == "__main__":
     raise SystemExit(main())

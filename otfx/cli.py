@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import otfx
-from otfx.align.config import FusionConfig, choices
+from otfx.align.config import SELECT, FusionConfig, choices
 from otfx.checks import (
     ModelInputError,
     NonFiniteParameterError,
@@ -757,7 +757,7 @@ def _fusion_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     g.add_argument("--anchor-free", action=argparse.BooleanOptionalAction, default=None,
                    help="align every model to a common barycentre (MergeMany), not to the anchor")
     if not sweep:
-        g.add_argument("--select", choices=["kl", "mse", "off"],
+        g.add_argument("--select", choices=SELECT,
                        help="with --data, fuse a few candidates for the options not given (cost, reg, residual) and "
                             "keep the one that agrees best with the models' mean output on --data, no labels read: "
                             "kl (outputs are logits, the default), mse (other outputs) or off")

@@ -4,9 +4,9 @@ on the calibration inputs agree best with the parents' mean prediction.
 The score is the divergence between the weighted mean of the parents' outputs and the fused model's, on ``data``
 (the inputs ``fuse`` already reads for activations and REPAIR): ``"kl"`` reads the main output as logits,
 KL(mean of the parents' softmax || fused softmax) over the last axis; ``"mse"`` is the mean squared difference
-from the parents' mean output, for outputs that are not logits (embeddings). Over 20 configurations its Spearman
-correlation with the labelled validation metric was 0.92 on the BERT masked-LM pair (against loss) and -0.39 to
--0.87 on 8 ViT settings (against accuracy): docs/results/09_selection.
+from the parents' mean output, for outputs that are not logits (embeddings). Over 16 configurations its Spearman
+correlation with the labelled validation metric was 0.92 on the BERT masked-LM pair (against loss) and -0.28 to
+-0.82 on 8 ViT settings (against accuracy): docs/results/09_selection.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from otfx.align.activations import batches_like
-from otfx.align.config import FusionConfig, FusionError
+from otfx.align.config import SELECT, FusionConfig, FusionError
 from otfx.align.orthogonal import StreamFallbackWarning
 from otfx.trace import Traced, eval_mode
 
-SCORES = ("kl", "mse")
+SCORES = tuple(s for s in SELECT if s != "off")
 #: the candidate values of each option the caller left to otfx (None): both costs, a sharp and a smooth Sinkhorn
 #: plan (images choose 0.5, the BERT pair 0.1; no single reg serves both), rotated residual streams
 CANDIDATES: dict[str, tuple] = {"cost": ("weights", "activations"), "reg": (0.1, 0.5), "residual": ("orthogonal",)}

@@ -109,6 +109,49 @@ def image_setup(smoke: bool = False) -> tuple[Split, ViTSpec]:
     return load_fashion_mnist(), ViTSpec("fashion-mnist", epochs=3.0)
 
 
+def load_example(file: str):
+    """Another script of examples/ as a module (to reuse its setup: 05's BERT parents, 06's BERT pair)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / file
+    spec = importlib.util.spec_from_file_location(f"example_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def datasets_main(argv: Sequence[str] | None, doc: str | None, name: str, title: str, header: dict,
+                  image_entry: Callable[..., dict], bert_entry: Callable[[], dict],
+                  page: Callable[[dict], str]) -> int:
+    """The main of an example over ``--datasets`` digits (30-epoch ViTs), Fashion-MNIST (``image_setup``) and the
+    BERT pair: ``image_entry(split, spec, seeds)`` per image dataset, ``bert_entry()``; writes results.json and
+    README.md (``page(results)``) with ``header`` at the top of the results."""
+    from .data import load_digits_split
+
+    p = example_parser(doc, name)
+    p.add_argument("--datasets", default="digits,fashion-mnist,bert")
+    args = p.parse_args(argv)
+    t_start = time.perf_counter()
+    out = output_dir(args, name)
+    wanted = args.datasets.split(",")
+    results: dict = {"command": command_line(), "environment": environment(), **header}
+    if "digits" in wanted:
+        print("digits", flush=True)
+        results["digits"] = image_entry(load_digits_split(), ViTSpec("digits", epochs=30), [0, 1, 2, 3])
+    if "fashion-mnist" in wanted:
+        print("fashion-mnist", flush=True)
+        split, spec = image_setup(False)
+        results["fashion-mnist"] = image_entry(split, spec, [0, 1, 2, 3])
+    if "bert" in wanted:
+        print("bert", flush=True)
+        results["bert"] = bert_entry()
+    seconds = results["seconds"] = time.perf_counter() - t_start
+    write_json(out / "results.json", results)
+    write_markdown(out / "README.md", title, results["command"], page(results), seconds)
+    print(f"wrote {out / 'README.md'} in {seconds:.0f} s")
+    return 0
+
+
 def example_parser(doc: str | None, name: str) -> argparse.ArgumentParser:
     """The options every example script takes: ``--out`` (results folder) and ``--smoke`` (a seconds-long run)."""
     p = argparse.ArgumentParser(description=(doc or name).strip().splitlines()[0])
