@@ -285,7 +285,7 @@ def _sinkhorn_torch_log(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
     return _torch_sinkhorn(_Log, cost[None], a[None], b[None], reg, max_iter, tol)[0]
 
 
-_BATCHED = {"sinkhorn_torch": _Scaling, "sinkhorn_torch_log": _Log}
+BATCHED = {"sinkhorn_torch": _Scaling, "sinkhorn_torch_log": _Log}
 
 # ----------------------------------------------------------------------------------------------------- driver
 
@@ -441,7 +441,7 @@ def solve_batch(costs: torch.Tensor, a: torch.Tensor | None = None, b: torch.Ten
     _check_options(reg, max_iter, tol)
     a, b = _marginals(costs, a, b)
     kw = {"method": method, "reg": reg, "max_iter": max_iter, "tol": tol, "exact_fast": exact_fast}
-    if method not in _BATCHED or not bool((a > 0).all() and (b > 0).all()):
+    if method not in BATCHED or not bool((a > 0).all() and (b > 0).all()):
         results = [solve(c, a, b, **kw) for c in costs]
         return torch.stack([p for p, _ in results]), [i for _, i in results]
     out = torch.empty(k, n, m, dtype=torch.float64, device=costs.device)
@@ -450,7 +450,7 @@ def solve_batch(costs: torch.Tensor, a: torch.Tensor | None = None, b: torch.Ten
     for start in range(0, k, per):
         norm, lo_hi = _prepare(costs[start:start + per])
         kk = len(norm)
-        raws = _torch_sinkhorn(_BATCHED[method], norm, a.expand(kk, -1), b.expand(kk, -1), reg, max_iter, tol)
+        raws = _torch_sinkhorn(BATCHED[method], norm, a.expand(kk, -1), b.expand(kk, -1), reg, max_iter, tol)
         for j, (raw, (lo, hi)) in enumerate(zip(raws, lo_hi.tolist(), strict=True)):
             job = _Job(lambda i=start + j: _prepare(costs[i])[0], a, b, reg, max_iter, tol, exact_fast, (lo, hi),
                        method)
