@@ -36,7 +36,7 @@ def peers(maps: TransportMaps, root: int) -> list[int]:
         if (len(group) + 1) * size > PEER_BYTES:
             break
         data = g.nodes[node]
-        if (node == root or data["kind"] != "solve" or data["width"] != width or node in maps.maps
+        if (node == root or data["kind"] != "solve" or data["width"] != width or maps.evaluated(node)
                 or node in maps.orthogonal or not ready(maps, node)):
             continue
         group.append(node)

@@ -185,6 +185,10 @@ class TransportMaps:
             return identity_plan(self.width(root)[0])
         raise FusionError(f"internal: the plan of {self.describe(root)} was asked for before it was computed")
 
+    def evaluated(self, root: int) -> bool:
+        """The class's plan was computed (it may have been released since)."""
+        return root in self.maps or root in self._released
+
     def map(self, sid: int) -> torch.Tensor:
         """The plan of a class, computing it (and what it is computed from) if needed."""
         root = self.root(sid)
