@@ -80,10 +80,11 @@ def normalise_cost(cost: torch.Tensor) -> torch.Tensor:
 
 
 def _normalise(cost: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    # One fresh buffer (page faults on big new tensors cost more than the arithmetic); a float64 ``lo`` makes a
-    # float32 cost come out as float64 without a separate conversion.
+    # One fresh buffer (page faults on big new tensors cost more than the arithmetic), converted then shifted in
+    # place: ``torch.sub`` of a float32 cost and a float64 ``lo`` converts into a hidden second buffer first.
     span = hi - lo
-    return torch.sub(cost, lo).div_(torch.where(span > 0, span, 1))  # constant: (cost - lo) is already 0
+    out = cost.to(torch.promote_types(cost.dtype, lo.dtype), copy=True)
+    return out.sub_(lo).div_(torch.where(span > 0, span, 1))  # constant: (cost - lo) is already 0
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
