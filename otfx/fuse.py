@@ -44,11 +44,40 @@ def _check_inputs(inferences: list[Inference]) -> None:
     anchor = inferences[0]
     for other in inferences[1:]:
         check_same_architecture(anchor, other)
+        if _same_inputs(anchor.traced, other.traced):
+            continue  # traced on these very inputs: they fit it as they fit its trace (one forward pass saved)
         try:
             with torch.no_grad(), eval_mode(other.traced.model) as model:
                 other.traced.main_output(model(*anchor.traced.args, **anchor.traced.kwargs))
         except Exception as err:  # noqa: BLE001 - any failure means the anchor's inputs do not fit
             raise FusionError(f"the anchor's example inputs do not fit {other.traced.name}: {err}") from err
+
+
+def _same_inputs(anchor: Traced, other: Traced) -> bool:
+    """Whether ``other`` was traced on inputs equal to the anchor's (same structure, equal tensors off the meta
+    device, equal other values)."""
+    from torch.utils._pytree import tree_flatten
+
+    leaves_a, spec_a = tree_flatten((anchor.args, anchor.kwargs))
+    leaves_b, spec_b = tree_flatten((other.args, other.kwargs))
+    if spec_a != spec_b:
+        return False
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)) or x.is_meta or y.is_meta:
+                return False
+            if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device or not torch.equal(x, y):
+                return False
+        elif type(x) is not type(y) or not _equal(x, y):
+            return False
+    return True
+
+
+def _equal(x, y) -> bool:
+    try:
+        return bool(x == y)
+    except Exception:  # noqa: BLE001 - an array or an object without a truth value: not known to be equal
+        return False
 
 
 def _write(model: nn.Module, values: dict[str, torch.Tensor]) -> nn.Module:

@@ -362,3 +362,47 @@ def test_calibration_runs_at_a_larger_batch_with_the_same_values(monkeypatch):
         torch.testing.assert_close(fast[0][key], slow[0][key], atol=1e-5, rtol=1e-4)
     for name in slow[1]:
         torch.testing.assert_close(fast[1][name], slow[1][name], atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- batched solves
+
+
+@pytest.mark.parametrize("arch,kind", [("hf_vit", "random"), ("hf_vit", "structured"), ("bert", "random"),
+                                       ("llama", "random")])
+@pytest.mark.parametrize("solver", ["sinkhorn_torch", "sinkhorn_torch_log"])
+def test_batched_solves_equal_one_solve_per_class(arch, kind, solver, monkeypatch):
+    """Ready same-sized classes solved in one ``solve_batch`` give the plans of one ``solve`` each (to float
+    tolerance), the same statistics and the same rewritten parameters."""
+    maps_module = sys.modules["otfx.align.maps"]
+    ta, tb = pair(arch, kind)
+    config = FusionConfig(solver=solver)
+    a, b = otfx.analyse(ta), otfx.analyse(tb)
+    groups: list[int] = []
+    solve_peers = maps_module.solve_peers
+
+    def counting(maps, roots):
+        groups.append(len(roots))
+        return solve_peers(maps, roots)
+
+    monkeypatch.setattr(maps_module, "solve_peers", counting)
+    released = compute_maps(a, b, config, release=True)  # as fuse runs it: no class solved twice
+    got = aligned_params(released)
+    assert groups and max(groups) > 1  # some classes were solved together
+    assert released.recomputed == 0
+    solved_together = sum(groups)
+    batched = compute_maps(a, b, config)
+    aligned_params(batched)
+    monkeypatch.setattr(maps_module, "peers", lambda maps, root: [root])
+    single = compute_maps(a, b, config)
+    expected = aligned_params(single)
+    assert len(released.stats) == len(single.stats)
+    assert solved_together <= len([s for s in single.stats if s.kind == "layer"])  # a class ready alone: solve
+    for root, plan in single.maps.items():
+        # batched and single matrix products round differently; the solver's own tolerance is 1e-6 (L1)
+        assert float((batched.maps[root] - plan).abs().sum()) < 1e-8, root
+    key = lambda s: s.space  # noqa: E731 - the batch solves in another order
+    for s_b, s_1 in zip(sorted(batched.stats, key=key), sorted(single.stats, key=key), strict=True):
+        assert (s_b.space, s_b.kind, s_b.method, s_b.iterations, s_b.converged) == (
+            s_1.space, s_1.kind, s_1.method, s_1.iterations, s_1.converged)
+    for fqn, value in expected.items():
+        torch.testing.assert_close(got[fqn], value, rtol=1e-6, atol=1e-7, msg=fqn)

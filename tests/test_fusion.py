@@ -244,3 +244,23 @@ def test_a_zero_width_layer_is_left_alone_and_the_rest_recovered():
     aligned = otfx.align(otfx.trace(copy, (x,)), to=ta)
     with torch.no_grad():
         torch.testing.assert_close(aligned(x), copy(x), atol=1e-5, rtol=1e-5)
+
+
+def test_the_anchor_inputs_run_through_another_model_only_when_it_was_traced_on_other_inputs():
+    """A model traced on the anchor's very inputs is not run again to check that they fit; one traced on other
+    inputs is, and the fused model is the same either way."""
+    model, args = zoo.build("bert")
+    other = zoo.build("bert", seed=1)[0]
+    calls = []
+    hook = other.register_forward_hook(lambda *_: calls.append(1))
+    ta, tb = otfx.trace(model, args), otfx.trace(other, tuple(t.clone() for t in args))
+    traced_calls = len(calls)
+    same = otfx.fuse(ta, tb)
+    assert len(calls) == traced_calls  # equal inputs: no forward pass
+    tc = otfx.trace(other, zoo.inputs("bert", batch=2, seq=8, seed=7))
+    traced_calls = len(calls)
+    checked = otfx.fuse(ta, tc)
+    assert len(calls) == traced_calls + 1
+    hook.remove()
+    for (name, p), q in zip(same.named_parameters(), checked.parameters(), strict=True):
+        assert torch.equal(p, q), name

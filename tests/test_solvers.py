@@ -182,6 +182,62 @@ def test_batch_matches_single_solves_and_reference(monkeypatch: pytest.MonkeyPat
                 assert float((plan - _reference(cost, a, a, reg)).abs().sum()) < 5e-5
 
 
+@pytest.mark.parametrize("method", ["emd", "lsa"])
+def test_batch_exact_square_problems_equal_one_solve_each(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batched exact path (many square uniform problems: per-head matches) gives each problem the plan and
+    statistics of its own ``solve``, exactly, across chunks; float32 costs like those of ``pair_costs``."""
+    costs = torch.stack([_random(24, 24, s) if s % 2 else _structured(24, 24, s)[0] for s in range(9)])
+    costs[4] = 0.5  # a constant cost
+    monkeypatch.setattr(solvers, "BATCH_BYTES", 4 * 24 * 24 * 8)  # chunks of 4 + 4 + 1
+    for dtype in (F64, torch.float32):
+        plans, infos = solve_batch(costs.to(dtype), method=method)
+        for cost, plan, info in zip(costs.to(dtype), plans, infos, strict=True):
+            single, single_info = solve(cost, method=method)
+            assert torch.equal(plan, single)
+            assert (info.method, info.iterations, info.converged, info.cost_range, info.fallback) == (
+                single_info.method, single_info.iterations, single_info.converged, single_info.cost_range,
+                single_info.fallback)
+            assert info.sharpness == pytest.approx(single_info.sharpness, abs=1e-15)
+            assert info.marginal_error == pytest.approx(single_info.marginal_error, abs=1e-15)
+
+
+def test_pair_costs_equal_the_loop_of_single_solves() -> None:
+    from otfx.align.heads import pair_costs
+
+    g = torch.Generator().manual_seed(0)
+    blocks_a, blocks_b = torch.randn(6, 8, 20, generator=g), torch.randn(5, 8, 20, generator=g)
+    costs = torch.cdist(blocks_b[:, None], blocks_a[None])
+    expected = torch.zeros(5, 6, dtype=F64)
+    for hb in range(5):
+        for ha in range(6):
+            expected[hb, ha] = (solve(costs[hb, ha], method="emd")[0] * costs[hb, ha]).sum()
+    assert torch.equal(pair_costs(blocks_b, blocks_a), expected)
+
+
+@pytest.mark.parametrize("parts", [[(1, 4, 4, False), (2, 4, 4, True)],  # partial rotary: pinned | free
+                                   [(1, 3, 3, True), (2, 2, 2, False), (1, 3, 3, True)]])  # a part twice
+def test_pair_costs_of_a_split_head_dim_equal_the_loop_of_single_solves(parts) -> None:
+    """A head dim of parts (``PairStructure.dim_parts``): each free part's batched matchings give what one
+    ``solve`` per head pair gives, a pinned part its diagonal, weighted by the part's share of the dims."""
+    from otfx.align.heads import _groups, pair_costs
+
+    g = torch.Generator().manual_seed(1)
+    blocks_a, blocks_b = torch.randn(6, 8, 20, generator=g), torch.randn(5, 8, 20, generator=g)
+    expected = torch.zeros(5, 6, dtype=F64)
+    for rows_a, rows_b, free in _groups(parts).values():
+        a = torch.cat([blocks_a[:, r] for r in rows_a], 2)
+        b = torch.cat([blocks_b[:, r] for r in rows_b], 2)
+        costs = torch.cdist(b[:, None], a[None])
+        share = sum(r.stop - r.start for r in rows_a) / 8
+        if not free:
+            expected += share * costs.diagonal(dim1=-2, dim2=-1).mean(-1).to(F64)
+            continue
+        for hb in range(5):
+            for ha in range(6):
+                expected[hb, ha] += share * (solve(costs[hb, ha], method="emd")[0] * costs[hb, ha]).sum()
+    assert torch.equal(pair_costs(blocks_b, blocks_a, parts), expected)
+
+
 def test_batch_other_methods_loop_and_shared_marginals() -> None:
     costs = torch.stack([_random(12, 20, s) for s in range(3)])
     a, b = _marginals(costs[0], 7, uniform=False)

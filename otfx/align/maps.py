@@ -18,6 +18,7 @@ import networkx as nx
 import torch
 
 from otfx.align.activation_store import ActivationStore
+from otfx.align.batching import peers, solve_peers
 from otfx.align.combiners import COMBINERS
 from otfx.align.config import FusionConfig, FusionError
 from otfx.align.costs import cost_provider
@@ -34,7 +35,7 @@ from otfx.align.orthogonal import (
 )
 from otfx.align.plans import factor_marginal, identity_plan
 from otfx.align.rewrite import Rewriter, unique_params
-from otfx.align.solvers import solve
+from otfx.align.solvers import PlanInfo, solve
 from otfx.align.structure import PairStructure
 from otfx.align.timing import Stopwatch
 from otfx.infer.result import Inference
@@ -97,6 +98,9 @@ class TransportMaps:
         self._released: set[int] = set()
         self._graphs: dict[tuple[str, ...], nx.DiGraph] = {}
         self._current: nx.DiGraph | None = None
+        #: the nodes of the running evaluation in its order (``run``), where ready same-sized problems are
+        #: solved together (``batching.py``); None outside ``run``: one node at a time
+        self.pending: list[int] | None = None
 
     def _fold_streams(self, fallback: str | None) -> None:
         self.orthogonal, why_not = orthogonal_streams(self.structure)
@@ -181,6 +185,10 @@ class TransportMaps:
             return identity_plan(self.width(root)[0])
         raise FusionError(f"internal: the plan of {self.describe(root)} was asked for before it was computed")
 
+    def evaluated(self, root: int) -> bool:
+        """The class's plan was computed (it may have been released since)."""
+        return root in self.maps or root in self._released
+
     def map(self, sid: int) -> torch.Tensor:
         """The plan of a class, computing it (and what it is computed from) if needed."""
         root = self.root(sid)
@@ -221,9 +229,10 @@ class TransportMaps:
                 for r in roots_of[fqn]:
                     done(r)
 
+        self.pending = list(nx.lexicographical_topological_sort(g, key=rank.get))
         try:
             dispatch([fqn for fqn, roots in pending.items() if not roots])
-            for root in nx.lexicographical_topological_sort(g, key=rank.get):
+            for root in self.pending:
                 if root not in self.maps:
                     self._evaluate(root)
                 ready = []
@@ -239,6 +248,7 @@ class TransportMaps:
                     done(root)
         finally:
             self.rewriter.partials.clear()
+            self.pending = None
 
     def _evaluate(self, root: int) -> None:
         data = self.graph.nodes[root] if root in self.graph else None
@@ -253,15 +263,18 @@ class TransportMaps:
             self.maps[root] = result
 
     def ot(self, cost: torch.Tensor, space: int, kind: str, used: list[str]) -> torch.Tensor:
-        """``solve`` with the configured solver, the statistics recorded; the cost is handed over in float64
-        (the solver's dtype), so that no second copy of it stays alive while the solver runs."""
-        n_b, n_a = cost.shape
+        """``solve`` with the configured solver, the statistics recorded; the cost is handed over in its own
+        dtype: the solver's normalisation writes the float64 copy it works on (no separate conversion)."""
         with self.timed("solve"):
-            plan, info = solve(cost.to(torch.float64), method=self.config.solver, reg=self.config.reg,
-                               max_iter=self.config.max_iter)
+            plan, info = solve(cost, method=self.config.solver, reg=self.config.reg, max_iter=self.config.max_iter)
+        self.record(space, kind, plan, info, used)
+        return plan
+
+    def record(self, space: int, kind: str, plan: torch.Tensor, info: PlanInfo, used: list[str]) -> None:
+        """Keep the statistics of one solved (n_other x n_anchor) plan."""
+        n_b, n_a = plan.shape
         self.stats.append(MapStats(space, kind, n_a, n_b, info.method, info.cost_range, info.sharpness,
                                    info.iterations, used, info.converged, info.fallback, info.marginal_error))
-        return plan
 
 
 def _detached(inference: Inference) -> dict[str, torch.Tensor]:
@@ -292,10 +305,13 @@ def _product(maps: TransportMaps, root: int, data: dict) -> torch.Tensor:
     return plan
 
 
-def _solve(maps: TransportMaps, root: int, data: dict) -> torch.Tensor:
+def _solve(maps: TransportMaps, root: int, data: dict) -> torch.Tensor | dict[int, torch.Tensor]:
     stream = maps.orthogonal.get(root)
     if stream is not None:
         return _rotation(maps, root, stream)
+    group = peers(maps, root)
+    if len(group) > 1:
+        return solve_peers(maps, group)
     cost, used = maps.costs.cost(maps, root)
     return maps.ot(cost, root, "layer", used)
 

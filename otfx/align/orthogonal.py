@@ -379,11 +379,11 @@ class FoldedParams(Mapping):
             gain = self.gain(self.bias_of[fqn])
             if bool((gain.abs() < 1e-12).any()):
                 raise ZeroDivisionError(f"{self.bias_of[fqn].fqn} has a zero gain; its norm's bias cannot be folded")
-            return (value.to(torch.float64) / gain).to(value.dtype)
+            return torch.div(value, gain).to(value.dtype)  # float64 by promotion: no separate conversion
         for g, axis in self.consumer_of.get(fqn, ()):
             shape = [1] * value.ndim
             shape[axis] = -1
-            value = (value.to(torch.float64) * self.gain(g).reshape(shape)).to(value.dtype)
+            value = torch.mul(value, self.gain(g).reshape(shape)).to(value.dtype)
         return value
 
     def __iter__(self):

@@ -80,10 +80,11 @@ def normalise_cost(cost: torch.Tensor) -> torch.Tensor:
 
 
 def _normalise(cost: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    # One fresh buffer (page faults on big new tensors cost more than the arithmetic); a float64 ``lo`` makes a
-    # float32 cost come out as float64 without a separate conversion.
+    # One fresh buffer (page faults on big new tensors cost more than the arithmetic), converted then shifted in
+    # place: ``torch.sub`` of a float32 cost and a float64 ``lo`` converts into a hidden second buffer first.
     span = hi - lo
-    return torch.sub(cost, lo).div_(torch.where(span > 0, span, 1))  # constant: (cost - lo) is already 0
+    out = cost.to(torch.promote_types(cost.dtype, lo.dtype), copy=True)
+    return out.sub_(lo).div_(torch.where(span > 0, span, 1))  # constant: (cost - lo) is already 0
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
@@ -285,7 +286,7 @@ def _sinkhorn_torch_log(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
     return _torch_sinkhorn(_Log, cost[None], a[None], b[None], reg, max_iter, tol)[0]
 
 
-_BATCHED = {"sinkhorn_torch": _Scaling, "sinkhorn_torch_log": _Log}
+BATCHED = {"sinkhorn_torch": _Scaling, "sinkhorn_torch_log": _Log}
 
 # ----------------------------------------------------------------------------------------------------- driver
 
@@ -432,8 +433,10 @@ def solve_batch(costs: torch.Tensor, a: torch.Tensor | None = None, b: torch.Ten
     """Many same-sized problems at once: costs (k x n x m) -> plans (k x n x m), one PlanInfo each.
 
     Each cost is normalised on its own; a (n,) and b (m,) are shared. The torch Sinkhorns iterate chunks of
-    problems together (bmm; chunks of ~BATCH_BYTES stay in cache); other methods, and problems that break
-    down, go through ``solve`` / the fallback chain one by one.
+    problems together (bmm; chunks of ~BATCH_BYTES stay in cache); square uniform exact problems ("emd" with
+    ``exact_fast``, "lsa") are normalised a chunk at a time and matched by ``linear_sum_assignment`` (the plans
+    ``solve`` gives); other methods, and problems that break down, go through ``solve`` / the fallback chain
+    one by one.
     """
     if costs.dim() != 3 or 0 in costs.shape:
         raise ValueError(f"solve_batch takes non-empty k x n x m costs, got shape {tuple(costs.shape)}")
@@ -441,7 +444,9 @@ def solve_batch(costs: torch.Tensor, a: torch.Tensor | None = None, b: torch.Ten
     _check_options(reg, max_iter, tol)
     a, b = _marginals(costs, a, b)
     kw = {"method": method, "reg": reg, "max_iter": max_iter, "tol": tol, "exact_fast": exact_fast}
-    if method not in _BATCHED or not bool((a > 0).all() and (b > 0).all()):
+    if n == m and method in ("emd", "lsa") and (exact_fast or method == "lsa") and _is_uniform(a) and _is_uniform(b):
+        return _lsa_batch(costs, a, b)
+    if method not in BATCHED or not bool((a > 0).all() and (b > 0).all()):
         results = [solve(c, a, b, **kw) for c in costs]
         return torch.stack([p for p, _ in results]), [i for _, i in results]
     out = torch.empty(k, n, m, dtype=torch.float64, device=costs.device)
@@ -450,10 +455,32 @@ def solve_batch(costs: torch.Tensor, a: torch.Tensor | None = None, b: torch.Ten
     for start in range(0, k, per):
         norm, lo_hi = _prepare(costs[start:start + per])
         kk = len(norm)
-        raws = _torch_sinkhorn(_BATCHED[method], norm, a.expand(kk, -1), b.expand(kk, -1), reg, max_iter, tol)
+        raws = _torch_sinkhorn(BATCHED[method], norm, a.expand(kk, -1), b.expand(kk, -1), reg, max_iter, tol)
         for j, (raw, (lo, hi)) in enumerate(zip(raws, lo_hi.tolist(), strict=True)):
             job = _Job(lambda i=start + j: _prepare(costs[i])[0], a, b, reg, max_iter, tol, exact_fast, (lo, hi),
                        method)
             out[start + j], info = _finish(raw, method, job, [])
             infos.append(info)
     return out, infos
+
+
+def _lsa_batch(costs: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, list[PlanInfo]]:
+    """The "lsa" plans of many square uniform problems (what ``solve`` gives each, without its per-problem
+    checks: a permutation plan cannot break down), normalised a chunk at a time."""
+    k, n, _ = costs.shape
+    plans = torch.zeros(k, n, n, dtype=torch.float64, device=costs.device)
+    ranges: list[tuple[float, float]] = []
+    per = max(1, BATCH_BYTES // (8 * n * n))
+    for start in range(0, k, per):
+        norm, lo_hi = _prepare(costs[start:start + per])
+        ranges += [(lo, hi) for lo, hi in lo_hi.tolist()]
+        for j, cost in enumerate(_np(norm)):
+            rows, cols = linear_sum_assignment(cost)
+            rows = torch.as_tensor(rows, device=costs.device)
+            plans[start + j, rows, torch.as_tensor(cols, device=costs.device)] = a[rows]
+    row_sums, col_sums = plans.sum(2), plans.sum(1)
+    errs = (((row_sums - a).abs().sum(1) + (col_sums - b).abs().sum(1)) / a.sum()).tolist()
+    sharpness = (plans.amax(2) / row_sums).mean(1).tolist()
+    infos = [PlanInfo("lsa", 0, err <= 1e-9, sharp, cost_range, [], marginal_error=err)
+             for err, sharp, cost_range in zip(errs, sharpness, ranges, strict=True)]
+    return plans, infos
