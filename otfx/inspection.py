@@ -41,6 +41,9 @@ def render_summary(inference, max_rows: int | None = 60) -> str:
     lines += ["", *space_table(inference, max_rows)]
     lines += ["", map_graph_line(display_map_graph(inference))]
     lines += ["", *coverage_lines(inference.coverage())]
+    for op, params in sorted(inference.ordered().items()):
+        lines.append(f"kept in order (the model reads their order through {op}): {', '.join(params[:4])}"
+                     + (f" and {len(params) - 4} more" if len(params) > 4 else ""))
     return "\n".join(lines)
 
 

@@ -104,7 +104,9 @@ def trace(model: nn.Module, args: tuple = (), kwargs: dict | None = None, *, nam
     with eval_mode(model):  # the mode is baked into the export
         wrapper = _MainOutput(model, output, name)
         try:
-            with checks.embedding_guards(model, name), checks.quiet_export():
+            # under no_grad, a model's own no_grad blocks change nothing and are traced inline (otherwise each
+            # becomes a wrap_with_set_grad_enabled submodule no pass can see into)
+            with checks.embedding_guards(model, name), checks.quiet_export(), torch.no_grad():
                 program = torch.export.export(wrapper, args, kwargs, strict=False)
         except Exception as err:  # torch.export raises many types; all get the same advice
             if (chosen := checks.own_error(err, OutputSelectionError)) is not None:  # the fix is output=

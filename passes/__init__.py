@@ -29,10 +29,12 @@ lookup = REGISTRY.lookup
 
 from otfx.passes import (  # noqa: E402,F401  (importing registers the handlers)
     attention,
+    complex,
     concat,
     contraction,
     einsum,
     elementwise,
+    grouped,
     indexing,
     inplace,
     matmul_attention,

@@ -74,6 +74,9 @@ def _product(ctx: InferContext, node: fx.Node, a: fx.Node, b: fx.Node) -> None:
     if not is_dynamic(ctx, b) and len(b_axes) == 2 and is_dynamic(ctx, a):
         _layer(ctx, node, a, b, 0, 1, None)
         return
+    if not is_dynamic(ctx, b) and len(b_axes) > 2 and is_dynamic(ctx, a) and ctx.param_view.get(b) is not None:
+        _batched_layer(ctx, node, a, b)
+        return
     if not (is_dynamic(ctx, a) and is_dynamic(ctx, b)):
         # products of parameters or buffers only (e.g. rotary frequencies): plain exact contraction
         ctx.link(a_axes[-1], b_axes[-2])
@@ -98,7 +101,29 @@ def _product(ctx: InferContext, node: fx.Node, a: fx.Node, b: fx.Node) -> None:
     ctx.set_axes(node, batch + [a_axes[-2], b_axes[-1]])
 
 
-@register(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
+def _batched_layer(ctx: InferContext, node: fx.Node, a: fx.Node, weight: fx.Node) -> None:
+    """An activation times a stacked weight (experts run as one bmm, Llama 4): a layer per batch entry, the
+    same permutation of its output units for all of them; batch axes are one space with the activation's."""
+    a_axes, w_axes = ctx.axes_of(a), ctx.axes_of(weight)
+    nd = len(w_axes)
+    ctx.link(a_axes[-1], w_axes[-2])
+    ctx.consume(weight, nd - 2)
+    out = ctx.spaces.new(ctx.shape(node)[-1])
+    ctx.link(w_axes[-1], out)
+    ctx.produce(out, weight, nd - 1, node)
+    out_shape, batch = ctx.shape(node), []
+    for d in range(len(out_shape) - 2):
+        offset = len(out_shape) - d
+        cands = [ax[len(ax) - offset] for ax, sh in ((a_axes, ctx.shape(a)), (w_axes, ctx.shape(weight)))
+                 if len(ax) >= offset and sh[len(sh) - offset] == out_shape[d]]
+        for c in cands[:-1]:
+            ctx.link(c, cands[-1])
+        batch.append(cands[-1] if cands else ctx.spaces.new(out_shape[d]))
+    ctx.set_axes(node, batch + [a_axes[-2], out])
+
+
+@register(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding, aten.conv2d.padding,
+          aten.conv3d.padding)
 def conv(ctx: InferContext, node: fx.Node) -> None:
     x, weight = node.args[:2]
     bias = arg(node, 2, "bias")

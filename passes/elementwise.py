@@ -30,7 +30,9 @@ UNARY = [
     aten.masked_fill.Scalar, aten.fill.Scalar,
     aten.expm1.default, aten.log1p.default, aten.sign.default, aten.floor.default, aten.ceil.default,
     aten.round.default, aten.trunc.default, aten.isnan.default, aten.isinf.default, aten.erfc.default,
-    aten.sinh.default, aten.cosh.default, aten.atan.default, aten.log2.default, aten.logical_not.default,
+    aten.sinh.default, aten.cosh.default, aten.atan.default, aten.acos.default, aten.asin.default,
+    aten.tan.default, aten.asinh.default, aten.acosh.default, aten.atanh.default, aten.log2.default,
+    aten.logical_not.default,
     aten.bitwise_not.default, aten.ge.Scalar, aten.gt.Scalar, aten.le.Scalar, aten.lt.Scalar, aten.eq.Scalar,
     aten.ne.Scalar, aten.remainder.Scalar, aten.floor_divide.Scalar, aten.fmod.Scalar, aten.rsub.Scalar,
 ]
@@ -73,7 +75,7 @@ def add(ctx: InferContext, node: fx.Node) -> None:
           aten.gt.Tensor, aten.le.Tensor, aten.lt.Tensor,
           aten.eq.Tensor, aten.ne.Tensor, aten.__and__.Tensor, aten.__or__.Tensor, aten.bitwise_and.Tensor,
           aten.bitwise_or.Tensor, aten.logical_and.default, aten.logical_or.default, aten.logical_xor.default,
-          aten.min.other, aten.max.other,
+          aten.min.other, aten.max.other, aten.clamp.Tensor,
           aten.multiply.Tensor, aten.floor_divide.default, aten.remainder.Tensor, aten.fmod.Tensor)
 def multiply(ctx: InferContext, node: fx.Node) -> None:
     ctx.set_axes(node, broadcast(ctx, node, _tensors(node), None))

@@ -25,3 +25,22 @@ def layer_norm(ctx: InferContext, node: fx.Node) -> None:
                 ctx.link(a, b)
     ctx.record("norm", node, [x_axes[-1]], x_axes[-1])
     ctx.set_axes(node, list(x_axes))
+
+
+@register(aten._native_batch_norm_legit_no_training.default, aten.batch_norm.default)
+def batch_norm(ctx: InferContext, node: fx.Node) -> None:
+    """Eval-mode batch norm: a per-channel affine map (axis 1) from running statistics, so weight, bias and
+    the running mean and variance live in the channel space and the map passes through. No ``norm`` node:
+    it does not normalise across channels."""
+    x = node.args[0]
+    x_axes = ctx.axes_of(x)
+    params = [arg(node, 1, "weight"), arg(node, 2, "bias"), arg(node, 3, "running_mean"), arg(node, 4, "running_var")]
+    for param in params:
+        p_axes = ctx.axes_of(param) if isinstance(param, fx.Node) else None
+        if p_axes:
+            ctx.link(p_axes[0], x_axes[1])
+    out = list(x_axes)
+    if node.target == aten.batch_norm.default:
+        ctx.set_axes(node, out)
+    else:  # (output, saved mean, saved inverse std)
+        ctx.set_axes(node, [out, *ctx.fresh_like(list(node.meta["val"][1:]), "batch statistics")])

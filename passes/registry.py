@@ -124,11 +124,15 @@ class Registry:
 
     # ---- reading ---------------------------------------------------------------------------------------
     def lookup(self, target) -> OpPass | None:
-        """The pass of an op: by exact overload first, then by its overload packet."""
+        """The pass of an op: by exact overload first, then by its overload packet, then by its name (a custom
+        op of a library that may not be imported when the pass is registered, e.g.
+        ``"transformers.grouped_mm_fallback.default"``)."""
         found = self.ops.get(target)
         if found is None:
             packet = getattr(target, "overloadpacket", None)
             found = self.ops.get(packet) if packet is not None else None
+        if found is None and hasattr(target, "overloadpacket"):  # a library's custom op, registered by name
+            found = self.ops.get(target_name(target))
         return found
 
     def key(self) -> tuple:

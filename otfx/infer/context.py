@@ -45,12 +45,16 @@ class Producer(NamedTuple):
 
 
 class Frozen(NamedTuple):
-    """An op that froze spaces: its target, node, whether no pass knows it, and the spaces it touched."""
+    """An op that froze spaces: its target, node, whether no pass knows it, the spaces it touched, and whether
+    the freeze is the model's own (``ordered``): the function depends on the order of that axis (an FFT or a
+    cumulative sum over it) or reads its positions as ids (a router's top-k over experts, table rows looked up
+    by index), so no permutation of it can be applied as it is and no pass could free it."""
 
     op: str
     node: str
     unknown: bool
     spaces: list[int]
+    ordered: bool = False
 
 
 class Conflict(NamedTuple):
@@ -171,12 +175,13 @@ class InferContext:
                **info) -> None:
         self.records.append(Record(RecordKind.parse(kind), node.name, inputs, output, info))
 
-    def freeze(self, node: fx.Node, spaces: list[int], reason: str) -> None:
+    def freeze(self, node: fx.Node, spaces: list[int], reason: str, *, ordered: bool = False) -> None:
         """Fix some spaces a known op depends on the order of (reported by ``coverage`` where they act on
-        parameters)."""
+        parameters; ``ordered``: the model's function depends on their order or reads them as ids, reported by
+        ``ordered()`` instead)."""
         for sid in spaces:
             self.spaces.fix(sid, reason)
-        self.frozen_by.append(Frozen(str(node.target), node.name, False, list(spaces)))
+        self.frozen_by.append(Frozen(str(node.target), node.name, False, list(spaces), ordered))
 
     def fix_node(self, node: fx.Node, reason: str, *, unknown: bool) -> None:
         """Make every space that this node reads or writes fixed (used for ops no pass understands)."""

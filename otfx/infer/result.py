@@ -119,34 +119,43 @@ class Inference:
         return build_flow_graph(self.traced.graph, self.records, self.fine, self.size)
 
     # ---- reporting -----------------------------------------------------------------------------------
-    def coverage(self) -> dict[str, dict]:
-        """Ops that no pass understands, known ops that froze spaces acting on parameters, and ops where
-        structures of parameter spaces conflicted (those spaces are fixed too).
-
-        ``{op: {"nodes": [...], "unknown": bool, "params": ["name axis k", ...], "conflicts": [why, ...]}}``;
-        harmless mask bookkeeping (known ops that touch no parameter space) is left out.
-        """
+    def _params_by_space(self) -> dict[int, list[str]]:
         by_space: dict[int, list[str]] = defaultdict(list)  # a parameter axis is listed under each of its parts
         for fqn, axes in self.param_axes.items():
             for axis, sid in enumerate(axes):
                 for leaf in {self.coarse(sid), *self.leaves(sid)}:
                     by_space[leaf].append(f"{fqn} axis {axis}")
+        return by_space
+
+    def _touched_params(self, spaces: list[int], by_space: dict[int, list[str]]) -> list[str]:
+        return sorted({p for sid in spaces for leaf in [sid, *self.leaves(sid)]
+                       for p in by_space.get(self.coarse(leaf), [])})
+
+    def coverage(self) -> dict[str, dict]:
+        """Ops that no pass understands, known ops that froze spaces acting on parameters, and ops where
+        structures of parameter spaces conflicted (those spaces are fixed too).
+
+        ``{op: {"nodes": [...], "unknown": bool, "params": ["name axis k", ...], "conflicts": [why, ...]}}``;
+        harmless mask bookkeeping (known ops that touch no parameter space) is left out, and so are axes whose
+        order the model's function depends on or reads as ids (see ``ordered``): no pass can free those.
+        """
+        by_space = self._params_by_space()
         report: dict[str, dict] = {}
 
         def entry(op: str, unknown: bool) -> dict:
             return report.setdefault(op, {"nodes": [], "unknown": unknown, "params": [], "conflicts": []})
 
-        for op, node, unknown, touched in self.frozen_by:
-            params = sorted({p for sid in touched for leaf in [sid, *self.leaves(sid)]
-                             for p in by_space.get(self.coarse(leaf), [])})
-            if not unknown and not params:
+        for op, node, unknown, touched, ordered in self.frozen_by:
+            if not unknown:  # a model output keeps its order whatever a known op does to it (picked logits)
+                touched = [sid for sid in touched if "model output" not in self.fixed_reasons(sid)]
+            params = self._touched_params(touched, by_space)
+            if ordered or (not unknown and not params):
                 continue
             found = entry(op, unknown)
             found["nodes"].append(node)
             found["params"] = sorted(set(found["params"]) | set(params))
         for op, node, why, spaces in self.conflicts:  # conflicts among positions only are harmless
-            params = sorted({p for sid in spaces for leaf in [sid, *self.leaves(sid)]
-                             for p in by_space.get(self.coarse(leaf), [])})
+            params = self._touched_params(spaces, by_space)
             if not params:
                 continue
             found = entry(op, False)
@@ -156,6 +165,16 @@ class Inference:
             if why not in found["conflicts"]:
                 found["conflicts"].append(why)
         return report
+
+    def ordered(self) -> dict[str, list[str]]:
+        """Parameter axes kept in their order because the model's function depends on it (an FFT over them) or
+        reads positions along them as ids (a router's top-k over experts): ``{op: ["name axis k", ...]}``."""
+        by_space = self._params_by_space()
+        out: dict[str, set[str]] = defaultdict(set)
+        for op, _node, _unknown, touched, ordered in self.frozen_by:
+            if ordered:
+                out[op] |= set(self._touched_params(touched, by_space))
+        return {op: sorted(params) for op, params in out.items() if params}
 
     def summary(self) -> str:
         from otfx.inspection import render_summary
