@@ -70,3 +70,20 @@ def repeat(ctx: InferContext, node: fx.Node) -> None:
         else:
             out.append(ctx.spaces.product([ctx.spaces.new(r), sid]))
     ctx.set_axes(node, out)
+
+
+@register(aten.im2col.default)
+def im2col(ctx: InferContext, node: fx.Node) -> None:
+    """``unfold`` (sliding windows, ConvBERT's span convolution): [N, C, H, W] -> [N, C x window, blocks]; the
+    channels are the outer factor of the new axis, the window position its fixed inner factor."""
+    x = node.args[0]
+    axes, val = ctx.axes_of(x), node.meta.get("val")
+    if axes is None or len(axes) not in (3, 4) or not isinstance(val, torch.Tensor):
+        ctx.fix_node(node, "im2col of unexpected rank", unknown=True)
+        return
+    batched = len(axes) == 4
+    channels = axes[1] if batched else axes[0]
+    window = int(val.shape[-2]) // ctx.spaces.size(channels)
+    unfolded = ctx.spaces.product([channels, ctx.spaces.new(window, "position within an unfold window")])
+    blocks = ctx.spaces.new(int(val.shape[-1]), "unfold block position")
+    ctx.set_axes(node, ([axes[0]] if batched else []) + [unfolded, blocks])
