@@ -138,7 +138,11 @@ def build_hf(model_type: str, class_name: str, seed: int):
         size = size if isinstance(size, int) else IMAGE
         args = (torch.randn(2, getattr(config, "num_channels", 3), size, size, generator=g),)
     elif name == "input_ids":
-        args = (torch.randint(3, VOCAB, (2, SEQ), generator=g),)
+        ids = torch.randint(3, VOCAB, (2, SEQ), generator=g)
+        eos = getattr(config, "eos_token_id", None)
+        if isinstance(eos, int) and 0 <= eos < VOCAB:  # sequence classifiers pool at the end-of-sequence token
+            ids[:, -1] = eos
+        args = (ids,)
     else:
         raise ValueError(f"main input {name!r} (not token ids or an image)")
     return model, args

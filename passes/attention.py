@@ -38,8 +38,12 @@ def sdpa(ctx: InferContext, node: fx.Node) -> None:
         ctx.link(qa[-3], spaces.product([ka[-3], group]), "heads")
         out_heads = qa[-3]
     if isinstance(mask, fx.Node) and ctx.axes_of(mask):
-        for sid in ctx.axes_of(mask):
-            spaces.fix(sid, "attention mask")
+        mask_axes, mask_shape = ctx.axes_of(mask), ctx.shape(mask)
+        for d, sid in enumerate(mask_axes):
+            if len(mask_axes) - d == 3 and mask_shape[d] == heads_q > 1:  # a bias per head (T5's relative
+                ctx.link(sid, qa[-3])                                     # positions): it moves with the heads
+            else:
+                spaces.fix(sid, "attention mask")
     ctx.record("attention", node, [qa[-1], ka[-1], va[-1]], va[-1], q=q.name, k=k.name, v=v.name,
                heads=[qa[-3], ka[-3], va[-3]])
     ctx.set_axes(node, qa[:-3] + [out_heads, qa[-2], va[-1]])

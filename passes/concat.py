@@ -50,6 +50,12 @@ def cat(ctx: InferContext, node: fx.Node) -> None:
     if len(tensors) == 1:
         ctx.set_axes(node, list(ctx.axes_of(tensors[0])))
         return
+    if not tensors:  # parts whose sizes are known only at run time (tokens routed to each expert)
+        parts = [t for t in node.args[0] if ctx.axes_of(t) is not None]
+        out = _join_other_axes(ctx, node, parts, dim)
+        out[dim] = ctx.spaces.new(ctx.shape(node)[dim], "concatenation of parts of input-dependent size")
+        ctx.set_axes(node, out)
+        return
     out = _join_other_axes(ctx, node, tensors, dim)
     out[dim] = ctx.spaces.direct_sum([ctx.axes_of(t)[dim] for t in tensors])
     ctx.set_axes(node, out)
@@ -72,6 +78,11 @@ def split(ctx: InferContext, node: fx.Node) -> None:
     vals = node.meta["val"]
     ndim = len(axes)
     dim = dim_index(arg(node, 2, "dim", 0), ndim)
+    if not all(isinstance(v.shape[dim], int) for v in vals):  # sizes known only at run time (tokens per expert)
+        ctx.freeze(node, [axes[dim]], "split into parts whose sizes depend on the input", ordered=True)
+        ctx.set_axes(node, [axes[:dim] + [ctx.spaces.new(0, "a part of input-dependent size")] + axes[dim + 1:]
+                            for _ in vals])
+        return
     parts = [ctx.spaces.new(int(v.shape[dim])) for v in vals]
     ctx.spaces.set_structure(axes[dim], "sum", parts)
     ctx.set_axes(node, [axes[:dim] + [p] + axes[dim + 1:] for p in parts])

@@ -75,7 +75,8 @@ def _strided(ctx: InferContext, node: fx.Node, axes: list[int], dim: int, n: int
 
 FIXING = [
     aten.diff.default, aten.any.default, aten.any.dim, aten.all.default, aten.all.dim,
-    aten.masked_select.default, aten.nonzero.default,
+    aten.masked_select.default, aten.nonzero.default, aten.unique_consecutive.default, aten.unique_dim.default,
+    aten._unique2.default,
 ]
 
 
@@ -114,14 +115,14 @@ def _index_axes(ctx: InferContext, node: fx.Node, x: fx.Node, indices: list):
         return None
     index_shape = list(torch.broadcast_shapes(*[tuple(i.meta["val"].shape) for _, i in dims])) \
         if all(i.meta["val"].dtype != torch.bool for _, i in dims) else None
+    adjacent = taken == list(range(taken[0], taken[-1] + 1))
+    first = taken[0] if adjacent else 0
     if index_shape is None:  # a boolean mask: the result's rows are data-dependent positions
-        index_axes = ctx.fresh([1], "positions chosen by a mask")
+        index_axes = ctx.fresh([ctx.shape(node)[first]], "positions chosen by a mask")
     elif len(dims) == 1 and list(ctx.shape(dims[0][1])) == index_shape:
         index_axes = list(ctx.axes_of(dims[0][1]) or ctx.fresh(index_shape))
     else:
         index_axes = ctx.fresh(index_shape, "positions picked by several indices")
-    adjacent = taken == list(range(taken[0], taken[-1] + 1))
-    first = taken[0] if adjacent else 0
     return [axes[t] for t in taken], index_axes, first, [a for k, a in enumerate(axes) if k not in taken]
 
 
@@ -273,6 +274,24 @@ def extreme(ctx: InferContext, node: fx.Node) -> None:
         ctx.freeze(node, [axes[dim]], f"{IDS} ({node.target} indices)", ordered=True)
     out = axes[:dim] + (ctx.fresh([1]) if keepdim else []) + axes[dim + 1:]
     ctx.set_axes(node, [list(out), list(out)])
+
+
+@register(aten.index_add.default, aten.index_add_.default, aten.index_copy.default, aten.index_copy_.default)
+def index_add(ctx: InferContext, node: fx.Node) -> None:
+    """``x.index_add(dim, idx, src)``: x's ``dim`` is written by position (fixed); src's other axes are x's."""
+    x, dim, idx, src = node.args[:4]
+    axes, src_axes = ctx.axes_of(x), ctx.axes_of(src)
+    if axes is None or src_axes is None or len(axes) != len(src_axes):
+        ctx.fix_node(node, f"index op {node.target}", unknown=False)
+        return
+    dim = dim_index(dim, len(axes))
+    _freeze_read(ctx, node, x, [axes[dim]], [idx])
+    for d in range(len(axes)):
+        if d != dim and ctx.shape(src)[d] == ctx.shape(x)[d]:
+            ctx.link(src_axes[d], axes[d])
+    ctx.set_axes(node, list(axes))
+    if str(node.target).endswith("_.default"):
+        ctx.set_axes(x, list(axes))
 
 
 @register(aten.scatter.value, aten.scatter.src, aten.scatter_.value, aten.scatter_.src, aten.scatter_add.default,

@@ -34,7 +34,7 @@ def add_(ctx: InferContext, node: fx.Node) -> None:
           aten.div_.Scalar, aten.masked_fill_.Scalar, aten.clamp_.default, aten.tanh_.default,
           aten.sigmoid_.default, aten.neg_.default, aten.exp_.default, aten.sqrt_.default, aten.rsqrt_.default,
           aten.pow_.Scalar, aten.hardtanh_.default, aten.leaky_relu_.default, aten.mish_.default,
-          aten.detach_.default, aten.copy_.default)
+          aten.detach_.default, aten.copy_.default, aten.fill_.Tensor, aten.fill_.Scalar, aten.zero_.default)
 def multiply_(ctx: InferContext, node: fx.Node) -> None:
     """Operands are one space, as ``mul``."""
     _write_back(ctx, node, broadcast(ctx, node, _tensors(node), None))

@@ -13,6 +13,19 @@ from otfx.infer.context import InferContext
 aten = torch.ops.aten
 
 
+def _empty_reshape(ctx: InferContext, node: fx.Node, in_axes, in_shape, out_shape) -> None:
+    """A reshape where a size is 0 (rows picked by a mask, known only at run time): axes equal from the right
+    keep their spaces (features); the rest are positions, fixed."""
+    out: list[int] = []
+    k = 1
+    while k <= min(len(in_shape), len(out_shape)) and in_shape[-k] == out_shape[-k] and in_shape[-k] > 0:
+        out.insert(0, in_axes[-k])
+        k += 1
+    rest = len(in_shape) - (k - 1)
+    ctx.freeze(node, list(in_axes[:rest]), "reshaped with a size known only at run time")
+    ctx.set_axes(node, ctx.fresh(out_shape[:len(out_shape) - len(out)], "positions of input-dependent size") + out)
+
+
 @register(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
           aten.unflatten.int, aten.view_as.default, aten.reshape_as.default, view=True)
 def reshape(ctx: InferContext, node: fx.Node) -> None:
@@ -20,6 +33,9 @@ def reshape(ctx: InferContext, node: fx.Node) -> None:
     product, e.g. [seq, batch, heads*dim] -> [seq, batch*heads, dim] gives atoms batch, heads, dim."""
     x = node.args[0]
     in_axes, in_shape, out_shape = ctx.axes_of(x), ctx.shape(x), ctx.shape(node)
+    if 0 in in_shape or 0 in out_shape:  # an input-dependent (or empty) size: trailing axes that agree pass
+        _empty_reshape(ctx, node, in_axes, in_shape, out_shape)
+        return
     ins = [i for i, s in enumerate(in_shape) if s != 1]
     outs = [j for j, s in enumerate(out_shape) if s != 1]
     runs_in, runs_out, atoms = _refinement([in_shape[i] for i in ins], [out_shape[j] for j in outs])

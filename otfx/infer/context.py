@@ -105,9 +105,11 @@ class InferContext:
 
     @staticmethod
     def shape(node) -> tuple[int, ...] | None:
+        """Concrete sizes; a size only known at run time (tokens routed to one expert) reads as 0, a position
+        axis that meets nothing of its size."""
         val = node.meta.get("val") if isinstance(node, fx.Node) else None
         if isinstance(val, torch.Tensor):
-            return tuple(int(s) for s in val.shape)
+            return tuple(_concrete(s) for s in val.shape)
         return None
 
     def axes_of(self, node) -> Axes | None:
@@ -193,10 +195,19 @@ class InferContext:
 
     def fresh_like(self, val, fixed: str | None = None):
         if isinstance(val, torch.Tensor):
-            return self.fresh([int(s) for s in val.shape], fixed)
+            return self.fresh([_concrete(s) for s in val.shape], fixed)
         if isinstance(val, (tuple, list)):
             return [self.fresh_like(v, fixed) for v in val]
         return None
+
+
+def _concrete(size) -> int:
+    if isinstance(size, int):
+        return size
+    try:
+        return int(size)
+    except Exception:  # noqa: BLE001 - torch raises a data-dependent guard error for unbacked sizes
+        return 0
 
 
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
