@@ -110,7 +110,7 @@ class CatBiasQKV(nn.Module):
 
 class ChunkedHeads(nn.Module):
     """diffllama: grouped-query heads (kv heads x group, by expand + reshape) whose outputs are chunked into two
-    halves of the query heads, the second subtracted from the first."""
+    halves of the query heads, the second, weighted by exp(lambda_q . lambda_k), subtracted from the first."""
 
     def __init__(self, kv_heads: int = 2):
         super().__init__()
@@ -119,6 +119,7 @@ class ChunkedHeads(nn.Module):
         self.k = nn.Linear(DIM, kv_heads * HEAD_DIM, bias=False)
         self.v = nn.Linear(DIM, kv_heads * HEAD_DIM, bias=False)
         self.o = nn.Linear(HEADS // 2 * HEAD_DIM, DIM, bias=False)
+        self.lambda_q, self.lambda_k = (nn.Parameter(torch.randn(HEAD_DIM) * 0.3) for _ in range(2))
         self.up, self.down = nn.Linear(DIM, 2 * DIM), nn.Linear(2 * DIM, DIM)
         self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
 
@@ -131,7 +132,8 @@ class ChunkedHeads(nn.Module):
         k, v = (t[:, :, None].expand(b, self.kv_heads, group, n, HEAD_DIM).reshape(b, HEADS, n, HEAD_DIM)
                 for t in (k, v))
         first, second = F.scaled_dot_product_attention(q, k, v).chunk(2, dim=1)
-        out = (first - 0.5 * second).transpose(1, 2).reshape(b, n, -1)
+        weight = torch.exp((self.lambda_q * self.lambda_k).sum(-1))  # a space only these two parameters meet
+        out = (first - weight * second).transpose(1, 2).reshape(b, n, -1)
         x = x + self.o(out)
         return x + self.down(F.gelu(self.up(self.norm2(x))))
 
