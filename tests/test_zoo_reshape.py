@@ -311,3 +311,9 @@ def test_align_keeps_the_function_of_an_independent_model(name):
         fused = otfx.fuse(ta, tb)
     torch.testing.assert_close(outputs(aligned, inputs(name, 9)), outputs(b, inputs(name, 9)), atol=1e-4, rtol=0)
     assert torch.isfinite(outputs(fused, inputs(name, 9))).all()
+
+
+def test_the_summary_names_a_fused_heads_value_dims():
+    """The value dims of a heads x (q | k | v) head are a part of the head dim, not a factor of the product."""
+    inference = otfx.analyse(otfx.trace(build("head_sliced_qkv", 0), inputs("head_sliced_qkv", 1)))
+    assert "map graph:" in inference.summary()
