@@ -13,6 +13,8 @@ not a conflict; nested sums cut by successive slices are one sum; positions cut 
 * ``patch_merging``: positions cut into windows, later into 2x2 patches whose features are concatenated
   (swin's downsample).
 * ``rel_shift``: relative-position scores [b, heads, i, j] shifted by a reshape that mixes i and j (xlnet).
+* ``ExpandedBias``: an output bias added as ``bias.expand_as(residual)`` is a parameter written into the
+  stream, not an input-dependent branch of a residual add (gpt_neox_japanese's recovery).
 """
 
 from __future__ import annotations
@@ -317,3 +319,37 @@ def test_the_summary_names_a_fused_heads_value_dims():
     """The value dims of a heads x (q | k | v) head are a part of the head dim, not a factor of the product."""
     inference = otfx.analyse(otfx.trace(build("head_sliced_qkv", 0), inputs("head_sliced_qkv", 1)))
     assert "map graph:" in inference.summary()
+
+
+class ExpandedBias(nn.Module):
+    """gpt_neox_japanese: the output projection's bias kept apart and added as ``bias.expand_as(residual)``:
+    expanded like an input-dependent tensor, it is still a parameter written into the stream, not a branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(DIM, DIM) for _ in range(3))
+        self.o = nn.Linear(DIM, DIM, bias=False)
+        self.o_bias = nn.Parameter(torch.randn(DIM) * 0.1)
+        self.up, self.down = nn.Linear(DIM, 2 * DIM), nn.Linear(2 * DIM, DIM)
+        self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        h = self.norm1(x)
+        q, k, v = (p(h).view(b, n, HEADS, HEAD_DIM).transpose(1, 2) for p in (self.q, self.k, self.v))
+        x = x + (self.o(_attend(q, k, v)) + self.o_bias.expand_as(x))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+def test_a_bias_expanded_as_the_stream_is_written_into_it():
+    torch.manual_seed(0)
+    model = TokenModel(ExpandedBias).eval()
+    traced = otfx.trace(model, inputs("expanded_bias", 1))
+    inference = otfx.analyse(traced)
+    assert any(p.param == "blocks.0.o_bias" and p.written for p in inference.producer_list)
+    copy = otfx.trace(otfx.random_symmetry(traced, seed=4), inputs("expanded_bias", 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = otfx.fuse(traced, copy, solver="emd")  # the automatic residual policy (mean, here)
+    for (k, p), q in zip(fused.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=0, msg=k)
