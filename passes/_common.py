@@ -80,6 +80,13 @@ def broadcast(ctx: InferContext, node: fx.Node, operands: list[fx.Node], combine
             out.append(first)
             # parameters added as they are to an input-dependent tensor (position tables) describe the space
             # they write; a parameter offset by a constant (a norm's 1 + w) does not
+            # parameters that only meet each other (diffllama's lambda_q1 * lambda_k1, summed): their values are
+            # all that tells the space's indices apart
+            params = [op for op, _ in present if ctx.is_param_derived(op)]
+            if not combine and len(params) > 1 and not any(is_dynamic(ctx, op) for op in operands):
+                for op, ax in zip(operands, axes):
+                    if op in params:
+                        ctx.write(first, op, len(ax) - offset, node)
             if combine and any(is_dynamic(ctx, op) for op in operands):
                 for op, ax, sh in zip(operands, axes, shapes):
                     if ax is not None and len(ax) >= offset and sh[len(sh) - offset] == out_shape[d]:

@@ -114,13 +114,44 @@ def _outer_factor_copies(ctx: InferContext, factor: int) -> list[dict[int, int]]
     return copies
 
 
+def sum_as_outer_factor(ctx: InferContext, sid: int, parts: list[int]) -> bool:
+    """A space that is already a direct sum of F equal summands (q | k | v, each of its own bias) reshaped
+    into the product F x R (timm's ``reshape(B, N, 3, H, -1)``): a sum of products, not a conflict. Each
+    summand becomes the product of its own copy of R, the factor F only tells the summands apart (fixed),
+    and a later unbind or select along F reads summand i's copy (as ``_outer_factor_copies``). False where
+    the sum does not cut at multiples of R's size this way (the caller then declares the product)."""
+    spaces, coarse = ctx.spaces, ctx.spaces.coarse
+    structure = coarse.structure.get(coarse.find(sid))
+    if structure is None or structure[0] != "sum" or len(parts) < 2:
+        return False
+    summands = coarse._flatten(structure[1], "sum")
+    rest = parts[1:]
+    width = 1
+    for r in rest:
+        width *= spaces.size(r)
+    if len(summands) != spaces.size(parts[0]) or any(spaces.size(c) != width for c in summands):
+        return False
+    copies = []
+    for c in summands:
+        if len(rest) == 1:
+            copies.append({coarse.find(rest[0]): c})
+            continue
+        mapping = {coarse.find(r): spaces.new(spaces.size(r)) for r in rest}
+        spaces.set_structure(c, "prod", [mapping[coarse.find(r)] for r in rest])
+        copies.append(mapping)
+    spaces.fix(parts[0], "selected by index")
+    ctx.factor_splits[coarse.find(parts[0])] = (coarse.find(sid), copies)
+    return True
+
+
 def _take(ctx: InferContext, axes: list[int], dim: int, index: int) -> list[int] | None:
     copies = _outer_factor_copies(ctx, axes[dim])
     if copies is None:
         ctx.spaces.fix(axes[dim], "selected by index")
         return axes[:dim] + axes[dim + 1:]
-    mapping = copies[index]
-    return [mapping.get(ctx.spaces.coarse.find(a), a) for i, a in enumerate(axes) if i != dim]
+    find = ctx.spaces.coarse.find
+    mapping = {find(k): v for k, v in copies[index].items()}  # roots may have moved since the split
+    return [mapping.get(find(a), a) for i, a in enumerate(axes) if i != dim]
 
 
 @register(aten.unbind.int)

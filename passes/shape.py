@@ -6,9 +6,11 @@ from __future__ import annotations
 import torch
 from otfx.passes import register
 from otfx.passes._common import arg, dim_index
+from otfx.passes.concat import sum_as_outer_factor
 from torch import fx
 
 from otfx.infer.context import InferContext
+from otfx.infer.spaces import align_groups
 
 aten = torch.ops.aten
 
@@ -30,7 +32,11 @@ def _empty_reshape(ctx: InferContext, node: fx.Node, in_axes, in_shape, out_shap
           aten.unflatten.int, aten.view_as.default, aten.reshape_as.default, view=True)
 def reshape(ctx: InferContext, node: fx.Node) -> None:
     """Both shapes are cut into their common refinement (atoms): an axis spanning several atoms is their
-    product, e.g. [seq, batch, heads*dim] -> [seq, batch*heads, dim] gives atoms batch, heads, dim."""
+    product, e.g. [seq, batch, heads*dim] -> [seq, batch*heads, dim] gives atoms batch, heads, dim.
+
+    The shapes are first cut where both have a boundary (equal running products); a block whose axes mix
+    without a common refinement ([i, j] -> [j', i'], a relative-position shift) is fixed on its own, and the
+    blocks around it (batch, heads) pass."""
     x = node.args[0]
     in_axes, in_shape, out_shape = ctx.axes_of(x), ctx.shape(x), ctx.shape(node)
     if 0 in in_shape or 0 in out_shape:  # an input-dependent (or empty) size: trailing axes that agree pass
@@ -38,23 +44,36 @@ def reshape(ctx: InferContext, node: fx.Node) -> None:
         return
     ins = [i for i, s in enumerate(in_shape) if s != 1]
     outs = [j for j, s in enumerate(out_shape) if s != 1]
-    runs_in, runs_out, atoms = _refinement([in_shape[i] for i in ins], [out_shape[j] for j in outs])
-    if atoms is None:
+    # runs of axes of equal product on both sides
+    blocks = align_groups([in_shape[i] for i in ins], [out_shape[j] for j in outs], "prod")
+    if blocks is None:
         ctx.fix_node(node, f"reshape {in_shape} -> {out_shape} mixes axes", unknown=False)
         return
     spaces = ctx.spaces
-    atom_space: list[int | None] = [None] * len(atoms)
-    for i, run in zip(ins, runs_in):
-        if len(run) == 1:
-            atom_space[run[0]] = in_axes[i]
-        else:
-            parts = [spaces.new(atoms[a]) for a in run]
-            spaces.set_structure(in_axes[i], "prod", parts)
-            for a, part in zip(run, parts):
-                atom_space[a] = part
     out_axes = [spaces.new(s) for s in out_shape]
-    for j, run in zip(outs, runs_out):
-        out_axes[j] = atom_space[run[0]] if len(run) == 1 else spaces.product([atom_space[a] for a in run])
+    mixed: list[int] = []
+    for block_in, block_out in blocks:
+        bin_, bout = [ins[k] for k in block_in], [outs[k] for k in block_out]
+        runs_in, runs_out, atoms = _refinement([in_shape[i] for i in bin_], [out_shape[j] for j in bout])
+        if atoms is None:
+            mixed += [in_axes[i] for i in bin_]
+            for j in bout:
+                out_axes[j] = spaces.new(out_shape[j], f"reshape {in_shape} -> {out_shape} mixes axes")
+            continue
+        atom_space: list[int | None] = [None] * len(atoms)
+        for i, run in zip(bin_, runs_in):
+            if len(run) == 1:
+                atom_space[run[0]] = in_axes[i]
+            else:
+                parts = [spaces.new(atoms[a]) for a in run]
+                if not sum_as_outer_factor(ctx, in_axes[i], parts):
+                    spaces.set_structure(in_axes[i], "prod", parts)
+                for a, part in zip(run, parts):
+                    atom_space[a] = part
+        for j, run in zip(bout, runs_out):
+            out_axes[j] = atom_space[run[0]] if len(run) == 1 else spaces.product([atom_space[a] for a in run])
+    if mixed:
+        ctx.freeze(node, mixed, f"reshape {in_shape} -> {out_shape} mixes axes")
     ctx.set_axes(node, out_axes)
 
 

@@ -177,8 +177,9 @@ def node_label(s: PairStructure, g: nx.DiGraph, root: int) -> str:
         return f"{data['producers'][0].fqn.rsplit('.', 1)[0]} ({kind})"
     carriers = [u for u, _, k in g.in_edges(root, data="kind") if k == "carrier"]
     if carriers and g.nodes[carriers[0]].get("producers"):
-        position = s.flat_factors(carriers[0]).index(root)
-        return f"{g.nodes[carriers[0]]['producers'][0].fqn.rsplit('.', 1)[0]} factor {position} ({kind})"
+        factors = s.flat_factors(carriers[0])  # a part of the head dim (a fused head's value dims) is no factor
+        where = f"factor {factors.index(root)}" if root in factors else "head-dim part"
+        return f"{g.nodes[carriers[0]]['producers'][0].fqn.rsplit('.', 1)[0]} {where} ({kind})"
     if data.get("record") is not None:
         return f"{module_path(s, data['record'].node)} {data['record'].kind} ({kind})"
     params = s.params_of(root)

@@ -84,10 +84,17 @@ class Partition:
         if old_kind != kind:
             self._conflict(root, f"{old_kind} meets {kind}", old_children + list(children))
             return
-        groups = align_groups([self.size[self.find(c)] for c in old_children],
-                              [self.size[self.find(c)] for c in children], kind)
+        children = list(children)
+        groups = self._align(old_children, children, kind)
+        if groups is None or any(len(left) > 1 and len(right) > 1 for left, right in groups):
+            # nested structures of the same kind are one structure: q | (k | v) and (q | k) | v, cut by
+            # successive slices, align once both are flattened to q | k | v
+            flat_old, flat_new = self._flatten(old_children, kind), self._flatten(children, kind)
+            flat = self._align(flat_old, flat_new, kind)
+            if flat is not None:
+                old_children, children, groups = flat_old, flat_new, flat
         if groups is None:
-            self._conflict(root, f"{kind} structures do not align", old_children + list(children))
+            self._conflict(root, f"{kind} structures do not align", old_children + children)
             return
         for left, right in groups:
             lhs = [old_children[i] for i in left]
@@ -101,10 +108,28 @@ class Partition:
             else:
                 self._conflict(root, f"{kind} structures do not align", lhs + rhs)
 
+    def _align(self, left: list[int], right: list[int], kind: str):
+        return align_groups([self.size[self.find(c)] for c in left], [self.size[self.find(c)] for c in right], kind)
+
+    def _flatten(self, children: list[int], kind: str, depth: int = 0) -> list[int]:
+        """``children`` with every child that is itself a ``kind`` structure replaced by its parts."""
+        out: list[int] = []
+        for c in children:
+            inner = self.structure.get(self.find(c))
+            if inner is not None and inner[0] == kind and depth < 32:
+                out += self._flatten(inner[1], kind, depth + 1)
+            else:
+                out.append(c)
+        return out
+
     def replace_structure(self, x: int, kind: str, children: list[int]) -> None:
         self.structure[self.find(x)] = (kind, list(children))
 
     def _conflict(self, root: int, why: str, involved: list[int]) -> None:
+        if root in self.fixed:  # a fixed space (positions cut into windows, then into 2x2 patches) admits only
+            for c in involved:  # the identity whatever its structures: its parts are fixed, nothing is lost
+                self.fix(c, "part of a fixed space whose structures do not align")
+            return
         self.conflicts.append(why)
         self.conflict_spaces.append([root, *involved])
         self.fix(root, why)
@@ -130,8 +155,10 @@ class Partition:
                     changed = True
                 else:
                     seen[key] = root
-            for root, (_kind, children) in list(self.structure.items()):
-                if self.find(root) == root and root not in self.fixed and all(self.is_fixed(c) for c in children):
+            for root, (kind, children) in list(self.structure.items()):
+                # a map of a sum is block-diagonal: parts of width 1 (one kv head each) are fixed too
+                if self.find(root) == root and root not in self.fixed and all(
+                        self.is_fixed(c) or (kind == "sum" and self.size[self.find(c)] <= 1) for c in children):
                     self.fix(root, "every part is fixed")
                     changed = True
             for root in list(self.fixed):
@@ -213,8 +240,47 @@ class Spaces:
         return self.fine.find(a) == self.fine.find(b)
 
     def set_structure(self, sid: int, kind: str, children: list[int]) -> None:
+        if self._sum_of_products(sid, kind, list(children)):
+            return
         self.coarse.set_structure(sid, kind, children)
         self.fine.set_structure(sid, kind, children)
+
+    def _sum_of_products(self, sid: int, kind: str, children: list[int]) -> bool:
+        """A product F x R (heads x head_dim) that is also a direct sum cut at multiples of R's size (a chunk
+        of the heads axis, a slice of whole heads): a sum of products, not a conflict. The outer factor F
+        becomes the sum of parts F_i and summand i the product F_i x R, with R shared by all summands (the
+        product said one map of R for every index of F); the space keeps the structure it had first. False where the two
+        are not of this form (they then conflict as before)."""
+        coarse = self.coarse
+        old = coarse.structure.get(coarse.find(sid))
+        if old is None or {old[0], kind} != {"sum", "prod"}:
+            return False
+        prod_children, sum_children = (old[1], children) if old[0] == "prod" else (children, old[1])
+        factors = coarse._flatten(prod_children, "prod")
+        summands = coarse._flatten(sum_children, "sum")
+        outer, rest = factors[0], factors[1:]
+        width = 1
+        for r in rest:
+            width *= self.size(r)
+        if not rest or width <= 1 or any(self.size(s) % width for s in summands):
+            return False
+        counts = [self.size(s) // width for s in summands]
+        if sum(counts) != self.size(outer):
+            return False
+        parts = [self.new(n) for n in counts]
+        for part, summand, n in zip(parts, summands, counts):
+            if n > 1:
+                self.set_structure(summand, "prod", [part, *rest])
+            elif len(rest) == 1:
+                self.link(summand, rest[0])
+            else:
+                self.set_structure(summand, "prod", list(rest))
+        if len(parts) > 1:
+            self.set_structure(outer, "sum", parts)
+        for partition in (self.coarse, self.fine):  # the space keeps the structure it had first
+            if partition.structure.get(partition.find(sid)) is None:
+                partition.set_structure(sid, *old)
+        return True
 
     def product(self, children: list[int]) -> int:
         """A new space that is the product of ``children`` (outer first)."""
@@ -236,7 +302,7 @@ class Spaces:
             self.fine.close()
             self.coarse.close()
             changed = False
-            used = {self.coarse.find(k) for k in self.kept}
+            used = self._read_parts()
             for group in self.together:
                 if any(self.coarse.is_fixed(s) for s in group):
                     for s in group:  # only an unread part is fixed with it: another length reads it
@@ -248,6 +314,22 @@ class Spaces:
                 if self.coarse.is_fixed(sid) and not self.fine.is_fixed(sid):
                     self.fine.fix(sid, "coupled to a fixed space")
                     changed = True
+
+
+    def _read_parts(self) -> set[int]:
+        """Coarse roots of the parts some slice reads, and of the sums whose parts are all read (the rest
+        after q of a fused q | k | v is read, as k and v)."""
+        coarse = self.coarse
+        used = {coarse.find(k) for k in self.kept}
+        changed = True
+        while changed:
+            changed = False
+            for root, (kind, children) in coarse.structure.items():
+                if (kind == "sum" and coarse.find(root) == root and root not in used
+                        and all(coarse.find(c) in used for c in children)):
+                    used.add(root)
+                    changed = True
+        return used
 
 
 def merged(spaces: Spaces, kinds: set[str]) -> Partition:

@@ -13,6 +13,11 @@ from otfx.trace import Traced
 __all__ = ["PassError", "infer"]
 
 
+#: ops whose second operand gives only a shape or dtype: a bias expanded as the stream is still a parameter
+SHAPE_REFERENCE = {torch.ops.aten.expand_as.default, torch.ops.aten.view_as.default,
+                   torch.ops.aten.reshape_as.default, torch.ops.aten.type_as.default}
+
+
 def _where(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     path = next(reversed(stack.values()), None) if stack else None
@@ -129,7 +134,8 @@ def infer(traced: Traced, registry: Registry | None = None) -> Inference:
         if node.op != "call_function":
             ctx.fix_node(node, f"{node.op} {node.target}", unknown=True)
             continue
-        if any(a in ctx.dynamic for a in _tensor_args(node)):
+        read = node.args[:1] if node.target in SHAPE_REFERENCE else _tensor_args(node)
+        if any(a in ctx.dynamic for a in read):
             ctx.dynamic.add(node)
         op_pass = registry.lookup(node.target)
         val = node.meta.get("val")
