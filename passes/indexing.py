@@ -209,16 +209,25 @@ def index_put(ctx: InferContext, node: fx.Node) -> None:
         ctx.set_axes(x, list(x_axes))
 
 
-@register(aten.gather.default)
-def gather(ctx: InferContext, node: fx.Node) -> None:
-    """``x.gather(dim, idx)``: x's ``dim`` is read by position (fixed); an axis where idx is as long as x
-    passes through (tokens gathered with their features), a shorter one is positions."""
+def _along_dim(ctx: InferContext, node: fx.Node):
+    """(x, dim, idx, x's axes, idx's axes) of gather/scatter, whose index has x's rank; None (the node fixed)
+    otherwise."""
     x, dim, idx = node.args[:3]
     axes, idx_axes = ctx.axes_of(x), ctx.axes_of(idx)
     if axes is None or idx_axes is None or len(axes) != len(idx_axes):
         ctx.fix_node(node, f"index op {node.target}", unknown=False)
+        return None
+    return x, dim_index(dim, len(axes)), idx, axes, idx_axes
+
+
+@register(aten.gather.default)
+def gather(ctx: InferContext, node: fx.Node) -> None:
+    """``x.gather(dim, idx)``: x's ``dim`` is read by position (fixed); an axis where idx is as long as x
+    passes through (tokens gathered with their features), a shorter one is positions."""
+    found = _along_dim(ctx, node)
+    if found is None:
         return
-    dim = dim_index(dim, len(axes))
+    x, dim, idx, axes, idx_axes = found
     x_shape, idx_shape = ctx.shape(x), ctx.shape(idx)
     out, read = [], [axes[dim]]
     for d in range(len(axes)):
@@ -299,13 +308,11 @@ def index_add(ctx: InferContext, node: fx.Node) -> None:
 def scatter(ctx: InferContext, node: fx.Node) -> None:
     """``x.scatter(dim, idx, src)``: x's ``dim`` is written by position (fixed, as gather reads it); on the
     other axes src and x are one space where idx spans them."""
-    x, dim, idx = node.args[:3]
-    src = node.args[3] if len(node.args) > 3 else None
-    axes, idx_axes = ctx.axes_of(x), ctx.axes_of(idx)
-    if axes is None or idx_axes is None or len(axes) != len(idx_axes):
-        ctx.fix_node(node, f"index op {node.target}", unknown=False)
+    found = _along_dim(ctx, node)
+    if found is None:
         return
-    dim = dim_index(dim, len(axes))
+    x, dim, idx, axes, _ = found
+    src = node.args[3] if len(node.args) > 3 else None
     x_shape, idx_shape = ctx.shape(x), ctx.shape(idx)
     read = [axes[dim]] + [axes[d] for d in range(len(axes)) if d != dim and idx_shape[d] != x_shape[d]]
     _freeze_read(ctx, node, x, read, [idx])

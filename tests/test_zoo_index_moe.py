@@ -113,9 +113,29 @@ class GatheredTokens(nn.Module):
         return self.head(h + self.mlp(h)).sum(1)
 
 
+class SpanConv(nn.Module):
+    """ConvBERT's span convolution: nn.Unfold (im2col) windows over tokens, read per channel and window."""
+
+    def __init__(self, dim: int = 8, window: int = 3, classes: int = 3):
+        super().__init__()
+        self.window = window
+        self.embed, self.unfold = nn.Linear(6, dim), nn.Unfold((window, 1), padding=((window - 1) // 2, 0))
+        self.mix = nn.Parameter(torch.randn(dim, window))
+        self.out, self.head = nn.Linear(dim, dim), nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        h = self.embed(x)
+        windows = self.unfold(h.transpose(1, 2).unsqueeze(-1))  # (b, dim * window, n)
+        windows = windows.transpose(1, 2).reshape(b, n, -1, self.window)
+        h = h + self.out((windows * self.mix).sum(-1))
+        return self.head(h).mean(1)
+
+
 @pytest.mark.parametrize("cls, moving", [(RelativeBias, ["table", "q.weight", "embed.weight"]),
-                                         (GatheredTokens, ["embed.weight", "mlp.0.weight", "head.weight"])])
-def test_index_ops_pass_the_axes_they_do_not_read(cls, moving):
+                                         (GatheredTokens, ["embed.weight", "mlp.0.weight", "head.weight"]),
+                                         (SpanConv, ["mix", "embed.weight", "out.weight"])])
+def test_index_and_unfold_ops_pass_the_axes_they_do_not_read(cls, moving):
     torch.manual_seed(0)
     model = cls().eval()
     x = torch.randn(2, 5, 6)
@@ -207,35 +227,3 @@ def test_batch_norm_no_grad_blocks_and_copies_are_understood():
     # the conv channels are kept in order by the running statistics: buffers, which otfx does not rewrite
     assert torch.equal(state["bn.weight"], moved["bn.weight"])
     assert torch.equal(state["conv.weight"], moved["conv.weight"])
-
-
-class SpanConv(nn.Module):
-    """ConvBERT's span convolution: nn.Unfold (im2col) windows over tokens, read per channel and window."""
-
-    def __init__(self, dim: int = 8, window: int = 3, classes: int = 3):
-        super().__init__()
-        self.window = window
-        self.embed, self.unfold = nn.Linear(6, dim), nn.Unfold((window, 1), padding=((window - 1) // 2, 0))
-        self.mix = nn.Parameter(torch.randn(dim, window))
-        self.out, self.head = nn.Linear(dim, dim), nn.Linear(dim, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        h = self.embed(x)
-        windows = self.unfold(h.transpose(1, 2).unsqueeze(-1))  # (b, dim * window, n)
-        windows = windows.transpose(1, 2).reshape(b, n, -1, self.window)
-        h = h + self.out((windows * self.mix).sum(-1))
-        return self.head(h).mean(1)
-
-
-def test_unfold_windows_keep_their_channels():
-    torch.manual_seed(0)
-    model = SpanConv().eval()
-    x = torch.randn(2, 5, 6)
-    traced = otfx.trace(model, (x,))
-    assert otfx.analyse(traced).coverage() == {}
-    permuted = otfx.random_symmetry(traced, seed=7)
-    fresh = torch.randn(3, 5, 6)
-    torch.testing.assert_close(_out(permuted, fresh), _out(model, fresh), atol=1e-5, rtol=0)
-    for name in ("mix", "embed.weight", "out.weight"):
-        assert not torch.equal(model.state_dict()[name], permuted.state_dict()[name]), f"{name} did not move"
