@@ -508,6 +508,8 @@ def page(results: dict, seeds: list[int]) -> str:
     orders = [f"order {seeds}", f"order {seeds[::-1]}"]
     datasets = [ds for ds in results if isinstance(results[ds], dict) and "parents_test" in results[ds]
                 and ds != "bert"]
+    if not datasets:  # a BERT-only run (--datasets bert without --merge): its section alone
+        return bert_page(results["bert"]) if isinstance(results.get("bert"), dict) else ""
     headers = ["rung", *(f"{ds} {o.removeprefix('order ')}" for ds in datasets for o in orders)]
     rows = []
     first = results[datasets[0]][orders[0]]
