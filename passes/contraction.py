@@ -17,6 +17,17 @@ from otfx.infer.context import InferContext
 aten = torch.ops.aten
 
 
+def layer_output(ctx: InferContext, node: fx.Node, x_axis: int, weight: fx.Node, in_axis: int, out_axis: int) -> int:
+    """A layer's core: the input axis is contracted with ``weight[in_axis]`` (a consumed axis) and the node's
+    last axis is a new space made by the rows of ``weight[out_axis]`` (its producer); returns that space."""
+    ctx.link(x_axis, ctx.axes_of(weight)[in_axis])
+    ctx.consume(weight, in_axis)
+    out = ctx.spaces.new(ctx.shape(node)[-1])
+    ctx.link(ctx.axes_of(weight)[out_axis], out)
+    ctx.produce(out, weight, out_axis, node)
+    return out
+
+
 def _layer(ctx: InferContext, node: fx.Node, x: fx.Node, weight: fx.Node, in_axis: int, out_axis: int,
            bias: fx.Node | None) -> None:
     """Output = x[..., in] contracted with weight[in_axis]; the new last axis is weight[out_axis]."""
@@ -24,11 +35,7 @@ def _layer(ctx: InferContext, node: fx.Node, x: fx.Node, weight: fx.Node, in_axi
     if x_axes is None or w_axes is None:
         ctx.fix_node(node, f"unsupported arguments to {node.target}", unknown=True)
         return
-    ctx.link(x_axes[-1], w_axes[in_axis])
-    ctx.consume(weight, in_axis)
-    out = ctx.spaces.new(ctx.shape(node)[-1])
-    ctx.link(w_axes[out_axis], out)
-    ctx.produce(out, weight, out_axis, node)
+    out = layer_output(ctx, node, x_axes[-1], weight, in_axis, out_axis)
     if isinstance(bias, fx.Node) and ctx.axes_of(bias):
         ctx.link(ctx.axes_of(bias)[-1], out)
     ctx.set_axes(node, x_axes[:-1] + [out])
@@ -84,42 +91,32 @@ def _product(ctx: InferContext, node: fx.Node, a: fx.Node, b: fx.Node) -> None:
     else:
         ctx.link(a_axes[-1], b_axes[-2], "contract")
         kind = "heads"
-    out_shape = ctx.shape(node)
-    batch = []
-    for d in range(len(out_shape) - 2):
-        offset = len(out_shape) - d
-        cands = [ax[len(ax) - offset] for ax, sh in ((a_axes, ctx.shape(a)), (b_axes, ctx.shape(b)))
-                 if len(ax) >= offset and sh[len(sh) - offset] == out_shape[d]]
-        if not cands:
-            batch.append(ctx.spaces.new(out_shape[d]))
-            continue
-        for c in cands[:-1]:
-            ctx.link(c, cands[-1], kind)
-        batch.append(cands[-1])
+    batch = _batch_axes(ctx, node, a, b, kind)
     ctx.record("matmul", node, [a_axes[-1], b_axes[-2]], b_axes[-1], a=a.name, b=b.name,
                a_heads=a_axes[-3] if len(a_axes) > 2 else None, b_heads=b_axes[-3] if len(b_axes) > 2 else None)
     ctx.set_axes(node, batch + [a_axes[-2], b_axes[-1]])
 
 
-def _batched_layer(ctx: InferContext, node: fx.Node, a: fx.Node, weight: fx.Node) -> None:
-    """An activation times a stacked weight (experts run as one bmm, Llama 4): a layer per batch entry, the
-    same permutation of its output units for all of them; batch axes are one space with the activation's."""
-    a_axes, w_axes = ctx.axes_of(a), ctx.axes_of(weight)
-    nd = len(w_axes)
-    ctx.link(a_axes[-1], w_axes[-2])
-    ctx.consume(weight, nd - 2)
-    out = ctx.spaces.new(ctx.shape(node)[-1])
-    ctx.link(w_axes[-1], out)
-    ctx.produce(out, weight, nd - 1, node)
+def _batch_axes(ctx: InferContext, node: fx.Node, a: fx.Node, b: fx.Node, kind: str) -> list[int]:
+    """The batch axes of a (batched) matmul's output: the operands' axes that broadcast into each, linked
+    (``kind``); a new space where neither has it."""
     out_shape, batch = ctx.shape(node), []
     for d in range(len(out_shape) - 2):
         offset = len(out_shape) - d
-        cands = [ax[len(ax) - offset] for ax, sh in ((a_axes, ctx.shape(a)), (w_axes, ctx.shape(weight)))
+        cands = [ax[len(ax) - offset] for ax, sh in ((ctx.axes_of(a), ctx.shape(a)), (ctx.axes_of(b), ctx.shape(b)))
                  if len(ax) >= offset and sh[len(sh) - offset] == out_shape[d]]
         for c in cands[:-1]:
-            ctx.link(c, cands[-1])
+            ctx.link(c, cands[-1], kind)
         batch.append(cands[-1] if cands else ctx.spaces.new(out_shape[d]))
-    ctx.set_axes(node, batch + [a_axes[-2], out])
+    return batch
+
+
+def _batched_layer(ctx: InferContext, node: fx.Node, a: fx.Node, weight: fx.Node) -> None:
+    """An activation times a stacked weight (experts run as one bmm, Llama 4): a layer per batch entry, the
+    same permutation of its output units for all of them; batch axes are one space with the activation's."""
+    a_axes, nd = ctx.axes_of(a), len(ctx.axes_of(weight))
+    out = layer_output(ctx, node, a_axes[-1], weight, nd - 2, nd - 1)
+    ctx.set_axes(node, _batch_axes(ctx, node, a, weight, "exact") + [a_axes[-2], out])
 
 
 @register(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding, aten.conv2d.padding,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from otfx.passes import register
+from otfx.passes.contraction import layer_output
 from torch import fx
 
 from otfx.infer.context import InferContext
@@ -26,9 +27,5 @@ def grouped_mm(ctx: InferContext, node: fx.Node) -> None:
                      unknown=True)
         return
     ctx.freeze(node, [w_axes[0]], "expert ids chosen by the router", ordered=True)
-    ctx.link(x_axes[1], w_axes[1])
-    ctx.consume(weight, 1)
-    out = ctx.spaces.new(ctx.shape(node)[-1])
-    ctx.link(w_axes[2], out)
-    ctx.produce(out, weight, 2, node)
+    out = layer_output(ctx, node, x_axes[1], weight, 1, 2)
     ctx.set_axes(node, [x_axes[0], out])

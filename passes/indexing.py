@@ -132,8 +132,9 @@ ID_MAKERS = {aten.topk.default, aten.sort.default, aten.sort.stable, aten.max.di
 
 
 def _from_ids(index, steps: int = 8) -> bool:
-    """Whether an index tensor is the indices output of top-k, sort, max or argmax (through item access, views
-    and casts): the positions it names are ids of that op's axis."""
+    """Whether an index tensor is computed from the indices output of top-k, sort, max or argmax (following
+    the first argument of each op on the way: item access, views, casts, ``// top_k``): the positions it names
+    are ids of that op's axis."""
     while isinstance(index, fx.Node) and steps > 0:
         if index.target in ID_MAKERS:
             return True
@@ -193,11 +194,11 @@ def index_put(ctx: InferContext, node: fx.Node) -> None:
     values' trailing axes, which broadcast against them."""
     x, indices, values = node.args[:3]
     found = _index_axes(ctx, node, x, list(indices))
-    x_axes = ctx.axes_of(x)
-    if found is None or x_axes is None:
+    if found is None:
         ctx.fix_node(node, f"index op {node.target}", unknown=False)
         return
     read, _, _, rest = found
+    x_axes = ctx.axes_of(x)
     ctx.freeze(node, read, "written by position (an index op)")
     v_axes, v_shape = ctx.axes_of(values), ctx.shape(values)
     if isinstance(values, fx.Node) and v_axes is not None:
@@ -256,12 +257,7 @@ def ranked(ctx: InferContext, node: fx.Node) -> None:
     if axes is None:
         ctx.fix_node(node, f"index op {node.target}", unknown=False)
         return
-    if node.target == aten.topk.default:
-        dim = arg(node, 2, "dim", -1)
-    else:
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 and isinstance(node.args[1], int)
-                              else node.args[2] if len(node.args) > 2 else -1)
-    dim = dim_index(dim, len(axes))
+    dim = dim_index(arg(node, 2 if node.target == aten.topk.default else 1, "dim", -1), len(axes))
     if _used(node, 1):
         ctx.freeze(node, [axes[dim]], f"{IDS} ({node.target} indices)", ordered=True)
     rank = ctx.spaces.new(int(node.meta["val"][0].shape[dim]), "rank")
