@@ -179,7 +179,8 @@ def _fuse_options(args: argparse.Namespace, n: int) -> dict:
     options = {"cost": args.cost, "solver": args.solver, "reg": reg, "residual": args.residual,
                "heads": args.heads, "qk": args.qk, "tokens": _check_tokens(args.tokens),
                "weights": _parse_weights(args.weights, n), "max_iter": args.max_iter,
-               "repair": getattr(args, "repair", None), "anchor_free": getattr(args, "anchor_free", None),
+               "repair": getattr(args, "repair", None), "refit": getattr(args, "refit", None),
+               "anchor_free": getattr(args, "anchor_free", None),
                "select": getattr(args, "select", None)}
     if reg is not None and not (reg > 0 and math.isfinite(reg)):
         raise OtfxInputError(f"--reg must be a positive finite number, got {reg}")
@@ -192,6 +193,8 @@ def _fuse_options(args: argparse.Namespace, n: int) -> dict:
             raise OtfxInputError(f"--cost {config.cost} needs --data PATH (inputs to collect activations on)")
         if config.repair:
             raise OtfxInputError("--repair needs --data PATH (inputs to measure the units' statistics on)")
+        if config.refit:
+            raise OtfxInputError("--refit needs --data PATH (inputs to fit the layers' outputs on)")
         if config.needs_data():
             raise OtfxInputError(f"--residual {args.residual} needs --data PATH (activations weigh the residuals)")
     return given
@@ -374,7 +377,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     if selection:
         tried = [r for r in selection["rows"] if r["status"] == "ok"]
         best = selection["best"]
-        chosen = ", ".join(f"{k} {best[k]}" for k in ("cost", "reg", "residual") if k in best)
+        chosen = ", ".join(f"{k} {best[k]}" for k in ("cost", "reg", "residual", "refit") if k in best)
         print(f"chose {chosen} among {len(tried)} candidates ({selection['metric']} to the models' mean "
               f"{best[selection['metric']]:.4g} on --data; --select off to fuse once)")
     onnx_check, status = None, 0
@@ -754,13 +757,16 @@ def _fusion_flags(p: argparse.ArgumentParser, sweep: bool = False) -> None:
         g.add_argument("--repair", action=argparse.BooleanOptionalAction, default=None,
                        help="reset every aligned unit's mean and std to the parents' after fusing (default: with "
                             "--data)")
+        g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                       help="solve each linear layer by least squares to match the parents' mean outputs on --data "
+                            "(default: chosen without labels with --data)")
     g.add_argument("--anchor-free", action=argparse.BooleanOptionalAction, default=None,
                    help="align every model to a common barycentre (MergeMany), not to the anchor")
     if not sweep:
         g.add_argument("--select", choices=SELECT,
-                       help="with --data, fuse a few candidates for the options not given (cost, reg, residual) and "
-                            "keep the one that agrees best with the models' mean output on --data, no labels read: "
-                            "kl (outputs are logits, the default), mse (other outputs) or off")
+                       help="with --data, fuse a few candidates for the options not given (cost, reg, residual, "
+                            "refit) and keep the one that agrees best with the models' mean output on --data, no "
+                            "labels read: kl (outputs are logits, the default), mse (other outputs) or off")
     g.add_argument("--tokens", metavar="all|cls|window:N")
     g.add_argument("--weights", metavar="W1,W2,...", help="model weights, like 0.5,0.5")
     g.add_argument("--max-iter", type=int, help="solver iteration limit")

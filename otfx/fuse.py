@@ -176,10 +176,30 @@ def fuse(*models, args: tuple | None = None, kwargs: dict | None = None, data=No
         t0 = time.perf_counter()
         fused = repair(fused, [i.traced for i in inferences], data, config.weights, aligned=aligned)
         timings["repair"] = time.perf_counter() - t0
+    if config.refit:
+        from otfx.align.refit import refit
+
+        t0 = time.perf_counter()
+        targets = aligned if aligned is not None else refit_targets(inferences, config, data)
+        fused = refit(fused, [i.traced for i in inferences], data, config.weights, aligned=targets)
+        timings["refit"] = time.perf_counter() - t0
     checks.check_finite_params(fused, "the fused model", error=checks.NonFiniteError)
     timings["total"] = time.perf_counter() - start
     fused.otfx_report = {"config": vars(config), "maps": stats, "timings": timings}
     return fused
+
+
+def refit_targets(inferences: list, config: FusionConfig, data) -> list:
+    """The parents in the anchor's spaces for the refit's targets, by a function-preserving alignment with the
+    fusion's cost and its kind of stream map: rotated streams where the fusion rotated them (on the BERT pair,
+    permuted targets for a rotated fusion cost 0.13 nats of test loss after the refit), permuted otherwise."""
+    traced = [i.traced if isinstance(i, Inference) else i for i in inferences]
+    anchor = traced[0]
+    residual = "orthogonal" if config.residual == "orthogonal" else "shared"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StreamFallbackWarning)
+        return [anchor] + [align(t, to=anchor, data=data, cost=config.cost, tokens=config.tokens,
+                                 residual=residual) for t in traced[1:]]
 
 
 def _fuse_to_anchor(inferences: list[Inference], config: FusionConfig, data,

@@ -25,8 +25,11 @@ from otfx.trace import Traced, eval_mode
 
 SCORES = tuple(s for s in SELECT if s != "off")
 #: the candidate values of each option the caller left to otfx (None): both costs, a sharp and a smooth Sinkhorn
-#: plan (images choose 0.5, the BERT pair 0.1; no single reg serves both), rotated residual streams
-CANDIDATES: dict[str, tuple] = {"cost": ("weights", "activations"), "reg": (0.1, 0.5), "residual": ("orthogonal",)}
+#: plan (images choose 0.5, the BERT pair 0.1; no single reg serves both), rotated residual streams, and each
+#: with and without the least-squares refit (it lifts a weak alignment to near the parents but can cost a good one
+#: a little: docs/results/08_defaults); refit varies fastest, so its twin's fusion is reused
+CANDIDATES: dict[str, tuple] = {"cost": ("weights", "activations"), "reg": (0.1, 0.5), "residual": ("orthogonal",),
+                                "refit": (False, True)}
 #: parents' outputs kept between candidates up to this many bytes; beyond it they are recomputed per candidate
 TARGET_CACHE_BYTES = 1 << 28
 
@@ -127,13 +130,39 @@ def select_and_fuse(traced: Sequence[Traced], data, given: FusionConfig, fuse: C
     score = Agreement(traced, data, given.model_weights(n), given.select or "kl")
     fixed = {k: v for k, v in vars(given).items() if v is not None and k != "select"}
 
+    last: dict[str, tuple] = {}  # the last fusion without refit, for its refitted twin
+
     def fixed_fuse(*models, **options) -> nn.Module:
+        key = repr(sorted((k, v) for k, v in options.items() if k not in ("refit", "data")))
+        if options.get("refit") and last.get("unrefitted", (None,))[0] == key:
+            return _refitted(last["unrefitted"][1], models, options)
         with warnings.catch_warnings():  # the rotated streams are otfx's candidate, not the caller's request
             warnings.simplefilter("ignore", StreamFallbackWarning)
-            return fuse(*models, select="off", **options)
+            model = fuse(*models, select="off", **options)
+        if options.get("refit") is False:
+            last["unrefitted"] = (key, model)
+        return model
 
     return sweep(*traced, data=data, evaluate=score, metric="kl" if score.kind == "kl" else "mse",
                  higher_is_better=False, grid=candidate_grid(given), fuse=fixed_fuse, baselines=False, **fixed)
+
+
+def _refitted(model: nn.Module, models: Sequence[Traced], options: dict) -> nn.Module:
+    """``model`` (fused with ``refit=False``) refitted as ``fuse(..., refit=True)`` would have refitted it."""
+    import time
+
+    from otfx.align.refit import refit
+    from otfx.fuse import refit_targets
+
+    t0 = time.perf_counter()
+    data = options["data"]
+    config = FusionConfig.make(**{k: v for k, v in options.items() if k != "data"}).resolved(True, len(models))
+    aligned = getattr(model, "otfx_aligned", None) or refit_targets(list(models), config, data)
+    result = refit(model, list(models), data, config.weights, aligned=aligned)
+    report = getattr(model, "otfx_report", {})
+    result.otfx_report = {**report, "config": vars(config),
+                          "timings": {**report.get("timings", {}), "refit": time.perf_counter() - t0}}
+    return result
 
 
 __all__ = ["CANDIDATES", "SCORES", "Agreement", "candidate_grid", "select_and_fuse", "should_select"]

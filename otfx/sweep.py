@@ -196,6 +196,8 @@ def sweep(*models, args: tuple | None = None, kwargs: dict | None = None, data=N
         raise FusionError(f"a sweep needs at least two models, got {len(models)}")
     if fuse is None:
         options.setdefault("select", "off")  # every row fuses what the grid says, nothing chosen inside it
+    if (fuse is None or fuse is _fuse) and options.get("refit") is None:
+        options["refit"] = False  # otfx.fuse's rows refit only where the grid or the caller says so
     base = FusionConfig.make(**options)
     traced = [_traced(m, i, args, kwargs) for i, m in enumerate(models)]
     combos = combinations(grid if grid is not None else default_grid(has_data, base.solver), base.solver)
@@ -238,7 +240,7 @@ def sweep(*models, args: tuple | None = None, kwargs: dict | None = None, data=N
         t0 = time.perf_counter()
         try:
             unrepaired = _alignment_key(resolved)
-            if share and resolved.repair and twin is not None and twin[0] == unrepaired:
+            if share and resolved.repair and not resolved.refit and twin is not None and twin[0] == unrepaired:
                 from otfx.align.repair import repair
 
                 if aligned is None:
@@ -250,7 +252,7 @@ def sweep(*models, args: tuple | None = None, kwargs: dict | None = None, data=N
                 row.reused_alignment = True
             else:
                 model = fuse(*traced, data=data, **call)
-                if share and not resolved.repair:
+                if share and not resolved.repair and not resolved.refit:
                     twin = (unrepaired, model)
         except _ROW_ERRORS as err:
             row.status = "failed"

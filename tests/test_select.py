@@ -51,21 +51,27 @@ def test_fuse_with_data_picks_the_candidate_with_the_lowest_score_and_reports_ev
     assert_state_unchanged(tb.model, before[1])
     selection = fused.otfx_report["selection"]
     rows = [r for r in selection["rows"] if r["status"] == "ok"]
-    assert len(rows) == 4, selection["rows"]
-    assert {(r["cost"], r["reg"]) for r in rows} == {(c, g) for c in ("weights", "activations") for g in (0.1, 0.5)}
+    assert len(rows) == 8, selection["rows"]
+    assert {(r["cost"], r["reg"], r["refit"]) for r in rows} == {
+        (c, g, f) for c in ("weights", "activations") for g in (0.1, 0.5) for f in (False, True)}
     best = selection["best"]
     assert best["kl"] == min(r["kl"] for r in rows)
     # the returned model is the best candidate: it scores what the sweep recorded, and its configuration says so
     score = Agreement([ta, tb], data, [0.5, 0.5], "kl")
     assert score(fused) == pytest.approx(best["kl"], rel=1e-6, abs=1e-12)
     config = fused.otfx_report["config"]
-    assert (config["cost"], config["reg"], config["residual"]) == (best["cost"], best["reg"], "orthogonal")
+    assert (config["cost"], config["reg"], config["residual"], config["refit"]) == (
+        best["cost"], best["reg"], "orthogonal", best["refit"])
+    # a refitted candidate reuses its twin's fusion: it is what fuse(..., refit=True) returns
+    row = next(r for r in rows if r["refit"] and r["cost"] == "weights" and r["reg"] == 0.5)
+    direct = otfx.fuse(ta, tb, data=data, select="off", cost="weights", reg=0.5, residual="orthogonal", refit=True)
+    assert score(direct) == pytest.approx(row["kl"], rel=1e-6, abs=1e-12)
 
 
 def test_a_model_fused_with_itself_under_selection_is_itself():
     ta, _ = pair("hf_vit")
-    fused = otfx.fuse(ta, ta, data=batches("hf_vit"), solver="emd")  # EMD: no reg axis, two costs
-    assert len([r for r in fused.otfx_report["selection"]["rows"] if r["status"] == "ok"]) == 2
+    fused = otfx.fuse(ta, ta, data=batches("hf_vit"), solver="emd")  # EMD: no reg axis; two costs, refit or not
+    assert len([r for r in fused.otfx_report["selection"]["rows"] if r["status"] == "ok"]) == 4
     x = zoo.inputs("hf_vit", batch=3, seq=8, seed=7)
     torch.testing.assert_close(outputs(fused, x), outputs(ta.model, x), atol=1e-4, rtol=0)
 
@@ -76,15 +82,19 @@ def test_select_off_and_fixed_options_fuse_once_as_given():
     off = otfx.fuse(ta, tb, data=data, select="off")
     assert "selection" not in off.otfx_report
     config = off.otfx_report["config"]
-    assert (config["cost"], config["reg"], config["residual"], config["repair"]) == ("weights", 0.25, "mean", True)
-    fixed = otfx.fuse(ta, tb, data=data, cost="weights", reg=0.25, residual="mean")
+    assert (config["cost"], config["reg"], config["residual"], config["repair"], config["refit"]) == (
+        "weights", 0.25, "mean", True, True)
+    fixed = otfx.fuse(ta, tb, data=data, cost="weights", reg=0.25, residual="mean", refit=True)
     x = zoo.inputs("hf_vit", batch=3, seq=8, seed=7)
     assert "selection" not in fixed.otfx_report
     torch.testing.assert_close(outputs(fixed, x), outputs(off, x), atol=0, rtol=0)
     # without data nothing is chosen
     assert not should_select(FusionConfig(), has_data=False)
     # an open reg with a fixed cost is one axis of two values
-    assert candidate_grid(FusionConfig(cost="weights")) == {"reg": (0.1, 0.5), "residual": ("orthogonal",)}
+    assert candidate_grid(FusionConfig(cost="weights")) == {"reg": (0.1, 0.5), "residual": ("orthogonal",),
+                                                            "refit": (False, True)}
+    # with every other option fixed, refit is still chosen: with it or without
+    assert candidate_grid(FusionConfig(cost="weights", reg=0.25, residual="mean")) == {"refit": (False, True)}
 
 
 def test_bad_select_values_are_named():

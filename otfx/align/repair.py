@@ -14,14 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from otfx.align.activations import batches_like, for_calibration
 from otfx.align.config import FusionError
 from otfx.align.config import normalised_weights as _weights
+from otfx.align.execute import GraphRunner, as_module, as_traced, last_uses, user_inputs
 from otfx.infer.result import Inference
-from otfx.trace import Traced, trace
+from otfx.trace import Traced
 
 
 @dataclass(frozen=True)
@@ -79,18 +79,11 @@ def _execute(traced: Traced, model: nn.Module, data, units: Sequence[Unit],
     target as soon as its statistics are known (later layers see the repaired values) and the affine map is
     folded into ``model``'s weight rows and bias in place."""
     traced = for_calibration(traced, data)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    buffers = dict(model.named_buffers(remove_duplicate=False))
-    constants = {spec.arg.name: traced.program.constants.get(spec.target)
-                 for spec in traced.program.graph_signature.input_specs if spec.kind.name in ("CONSTANT_TENSOR",
-                                                                                               "CUSTOM_OBJ")}
+    runner = GraphRunner(traced, model)
     batches = batches_like(traced, data)
-    inputs = [dict(zip(traced.user_inputs, pytree.tree_flatten((x, traced.kwargs))[0])) for x, _ in batches]
+    inputs = user_inputs(traced, batches)
     order = list(traced.graph.nodes)
-    last = {}
-    for i, n in enumerate(order):
-        for a in n.all_input_nodes:
-            last[a] = i
+    last = last_uses(traced.graph)
     by_node = {u.node: u for u in units}
     envs: list[dict[fx.Node, object]] = [{} for _ in batches]
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -99,7 +92,7 @@ def _execute(traced: Traced, model: nn.Module, data, units: Sequence[Unit],
             if n.op == "output":
                 break
             for b, env in enumerate(envs):
-                env[n] = _value(n, env, traced, params, buffers, constants, inputs[b])
+                env[n] = runner.value(n, env, inputs[b])
             unit = by_node.get(n.name)
             if unit is not None:
                 mean, std = _moments([env[n][:real] for env, (_, real) in zip(envs, batches)], unit.axis)
@@ -112,30 +105,12 @@ def _execute(traced: Traced, model: nn.Module, data, units: Sequence[Unit],
                     shape[unit.axis] = -1
                     for env in envs:
                         env[n] = env[n] * scale.to(env[n].dtype).view(shape) + shift.to(env[n].dtype).view(shape)
-                    _fold(params, unit, scale, shift)
+                    _fold(runner.params, unit, scale, shift)
             for a in n.all_input_nodes:
                 if last.get(a) == i:
                     for env in envs:
                         env.pop(a, None)
     return stats
-
-
-def _value(n: fx.Node, env: dict, traced: Traced, params, buffers, constants, inputs):
-    if n.op == "placeholder":
-        if n.name in traced.placeholder_to_param:
-            return params[traced.placeholder_to_param[n.name]]
-        if n.name in traced.placeholder_to_buffer:
-            return buffers[traced.placeholder_to_buffer[n.name]]
-        if n.name in constants:
-            return constants[n.name]
-        return inputs[n.name]
-    args = fx.node.map_arg(n.args, env.__getitem__)
-    kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
-    if n.op == "call_function":
-        return n.target(*args, **kwargs)
-    if n.op == "get_attr":
-        return getattr(traced.program.graph_module, n.target)
-    raise FusionError(f"repair: cannot execute graph node {n.name} ({n.op})")
 
 
 def _moments(values: list[torch.Tensor], axis: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,20 +143,6 @@ def _fold(params: dict[str, torch.Tensor], unit: Unit, scale: torch.Tensor, shif
         b.copy_(b.double() * scale + shift)
 
 
-def _traced(model, args, kwargs) -> Traced:
-    if isinstance(model, Traced):
-        return model
-    if isinstance(model, Inference):
-        return model.traced
-    if args is None:
-        raise FusionError("repair needs args=(example inputs,) when the parents are not otfx.trace results")
-    return trace(model, args, kwargs)
-
-
-def _module(model) -> nn.Module:
-    return model.traced.model if isinstance(model, Inference) else model.model if isinstance(model, Traced) else model
-
-
 def repair(fused: nn.Module, parents: Sequence, data, weights: Sequence[float] | None = None, *,
            args: tuple | None = None, kwargs: dict | None = None, aligned: Sequence | None = None,
            eps: float = 1e-5) -> nn.Module:
@@ -198,7 +159,7 @@ def repair(fused: nn.Module, parents: Sequence, data, weights: Sequence[float] |
 
     if len(parents) < 1:
         raise FusionError("repair needs the parents (anchor first)")
-    anchor = _traced(parents[0], args, kwargs)
+    anchor = as_traced(parents[0], args, kwargs)
     data = list(data)
     w = _weights(weights, len(parents))
     if aligned is None:
@@ -208,11 +169,11 @@ def repair(fused: nn.Module, parents: Sequence, data, weights: Sequence[float] |
     from otfx.api import analyse
 
     # the fused model and the aligned parents have the anchor's graph and shapes: run them all on its graph
-    result = copy.deepcopy(_module(fused))
+    result = copy.deepcopy(as_module(fused))
     units = repair_units(analyse(anchor))
     targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for wk, model in zip(w, aligned):
-        stats = _execute(anchor, _module(model), data, units)
+        stats = _execute(anchor, as_module(model), data, units)
         for name, (mean, std) in stats.items():
             m0, s0 = targets.get(name, (0.0, 0.0))
             targets[name] = (m0 + wk * mean, s0 + wk * std)
@@ -228,5 +189,5 @@ def unit_statistics(model, data, *, args: tuple | None = None, kwargs: dict | No
     """Per-unit (mean, std) of every repairable layer output of ``model`` on ``data`` (for checks and reports)."""
     from otfx.api import analyse
 
-    t = _traced(model, args, kwargs)
-    return _execute(t, _module(t), list(data), units if units is not None else repair_units(analyse(t)))
+    t = as_traced(model, args, kwargs)
+    return _execute(t, as_module(t), list(data), units if units is not None else repair_units(analyse(t)))
