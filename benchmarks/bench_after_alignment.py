@@ -4,7 +4,8 @@ The paper's ViT (HF ``ViTForImageClassification``, image 32, patch 4, hidden 384
 structured pair (a model and its permuted noisy copy, as ``bench_fusion.py``), 200 digits images upscaled to 32x32
 as calibration data (batches of 50). Timed in one process with one thread, min of 3 runs of each configuration,
 stages from ``fused.otfx_report["timings"]``: ``collect`` (activations of both models), ``repair`` (REPAIR: the
-parents hard-aligned to the anchor, their statistics and the fused model's, folded), the alignment itself.
+parents hard-aligned to the anchor, their statistics and the fused model's, folded), ``refit`` (the least-squares
+refit: the targets' alignment, then one lockstep pass of the fused model and both parents), the alignment itself.
 
 Run from the repository root: ``OMP_NUM_THREADS=1 python benchmarks/bench_after_alignment.py``; writes
 ``benchmarks/results/bench_after_alignment.json`` and prints a Markdown table.
@@ -23,14 +24,18 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+OFF = {"select": "off"}  # one fusion per row: the label-free choice would fuse 8 candidates
 CONFIGS = {
     "weights (default, no data)": {},
-    "weights + REPAIR (default with data)": {"data": True},
-    "activations": {"cost": "activations", "data": True, "repair": False},
+    "weights + REPAIR": {"data": True, "refit": False, **OFF},
+    "weights + REPAIR + refit (select='off' with data)": {"data": True, **OFF},
+    "weights + refit": {"data": True, "repair": False, **OFF},
+    "activations": {"cost": "activations", "data": True, "repair": False, "refit": False, **OFF},
     "weights, orthogonal stream": {"residual": "orthogonal"},
     "activations, orthogonal stream": {"cost": "activations", "residual": "orthogonal", "data": True,
-                                       "repair": False},
-    "activations, orthogonal stream + REPAIR": {"cost": "activations", "residual": "orthogonal", "data": True},
+                                       "repair": False, "refit": False, **OFF},
+    "activations, orthogonal stream + REPAIR": {"cost": "activations", "residual": "orthogonal", "data": True,
+                                                "refit": False, **OFF},
 }
 
 
@@ -54,7 +59,10 @@ def main() -> None:
     b = noisy_copy(ta, seed=3)
     tb = otfx.trace(b, (images[:2],))
     rows = {}
+    only = sys.argv[1:]  # optional substrings: run only the configurations whose names contain one
     for name, options in CONFIGS.items():
+        if only and not any(o in name for o in only):
+            continue
         options = dict(options)
         use_data = options.pop("data", False)
         runs = []
@@ -66,16 +74,21 @@ def main() -> None:
         wall, timings = min(runs, key=lambda r: r[0])
         align = timings.get("align_model_1", 0.0) - timings.get("collect", 0.0)
         rows[name] = {"wall_s": round(wall, 3), "collect_s": round(timings.get("collect", 0.0), 3),
-                      "repair_s": round(timings.get("repair", 0.0), 3), "align_s": round(align, 3),
+                      "repair_s": round(timings.get("repair", 0.0), 3), "refit_s": round(timings.get("refit", 0.0), 3),
+                      "align_s": round(align, 3),
                       "options": options, "data": use_data}
         print(name, rows[name], flush=True)
     out = HERE / "results" / "bench_after_alignment.json"
+    if only and out.exists():  # a partial run updates its rows of the last full run
+        rows = {**json.loads(out.read_text())["configs"], **rows}
+        rows = {name: rows[name] for name in CONFIGS if name in rows}
     out.write_text(json.dumps({"configs": rows, "machine": os.uname().nodename, "threads": 1,
                                "date": time.strftime("%Y-%m-%d")}, indent=1) + "\n")
-    print("\n| configuration | fuse (wall s) | collect (s) | repair (s) | align (s) |")
-    print("| :--- | ---: | ---: | ---: | ---: |")
+    print("\n| configuration | fuse (wall s) | collect (s) | repair (s) | refit (s) | align (s) |")
+    print("| :--- | ---: | ---: | ---: | ---: | ---: |")
     for name, r in rows.items():
-        print(f"| {name} | {r['wall_s']:.2f} | {r['collect_s']:.2f} | {r['repair_s']:.2f} | {r['align_s']:.2f} |")
+        print(f"| {name} | {r['wall_s']:.2f} | {r['collect_s']:.2f} | {r['repair_s']:.2f} | {r.get('refit_s', 0):.2f} "
+              f"| {r['align_s']:.2f} |")
 
 
 if __name__ == "__main__":

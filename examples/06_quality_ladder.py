@@ -31,9 +31,12 @@ from common.train import evaluate_accuracy  # noqa: E402
 import otfx  # noqa: E402
 from otfx.align import config as _config  # noqa: E402
 from otfx.align.barycentre import anchor_free_fuse  # noqa: E402
+from otfx.align.config import FusionConfig  # noqa: E402
 from otfx.align.costs import activations, correlation, register_cost  # noqa: E402
 from otfx.align.costs.weights import WeightsCost  # noqa: E402
+from otfx.align.refit import refit  # noqa: E402
 from otfx.align.repair import repair  # noqa: E402
+from otfx.fuse import refit_targets  # noqa: E402
 
 NAME = "06_quality"
 TITLE = "One-shot fusion quality: an ablation ladder"
@@ -84,6 +87,7 @@ class Pair:
         self.x_test = split.x_test
         self.predictions = [predictions(m, split.x_test) for m in models]
         self._aligned = None
+        self._targets: dict = {}
 
     def scores(self, model) -> dict:
         """Test accuracy and the share of test predictions equal to the anchor's and to the other parent's."""
@@ -97,6 +101,14 @@ class Pair:
             self._aligned = [self.traced[0], *(otfx.align(t, to=self.traced[0]) for t in self.traced[1:])]
         return self._aligned
 
+    def targets(self, options: dict):
+        """The refit's targets: the parents aligned as otfx.fuse aligns them for a fusion with ``options``."""
+        config = FusionConfig.make(cost=options.get("cost", "weights"), residual=options.get("residual", "mean"))
+        key = (config.cost, config.residual)
+        if key not in self._targets:
+            self._targets[key] = refit_targets(self.traced, config, self.data)
+        return self._targets[key]
+
     def fuse(self, options: dict, reg):
         options = dict(options)
         samples = options.pop("samples", None)
@@ -109,12 +121,13 @@ class Pair:
         options.setdefault("residual", "mean")  # the paper's policy unless a rung names another
         return otfx.fuse(*self.traced, data=data, repair=False, **solver, **options).eval()
 
-    def choose(self, method: tuple, regs: Sequence = REGS, keep: Sequence = ()) -> dict:
-        """Fuse with each reg, without and with REPAIR (of the same fused model); for each, keep the reg that is
-        best on validation and report the test accuracy of that one only (and of the regs in ``keep``)."""
+    def choose(self, method: tuple, regs: Sequence = REGS, keep: Sequence = (), with_refit: bool = True) -> dict:
+        """Fuse with each reg, without and with REPAIR (of the same fused model), and REPAIR + refit; for each, keep
+        the reg that is best on validation and report the test accuracy of that one only (and of the regs in
+        ``keep``)."""
         t0 = time.perf_counter()
         options, settings = method
-        rows = {"plain": [], "repair": []}
+        rows = {"plain": [], "repair": [], **({"refit": []} if with_refit else {})}
         for reg in regs:
             provider(**settings)
             model = self.fuse(options, reg)
@@ -122,6 +135,9 @@ class Pair:
             rows["plain"].append({"reg": reg, "val": self.val(model), "model": model})
             fixed = repair(model, self.traced, self.data, aligned=self.aligned).eval()
             rows["repair"].append({"reg": reg, "val": self.val(fixed), "model": fixed})
+            if with_refit:  # the repaired model refitted, as otfx.fuse(..., repair=True, refit=True) does
+                fitted = refit(fixed, self.traced, self.data, aligned=self.targets(options)).eval()
+                rows["refit"].append({"reg": reg, "val": self.val(fitted), "model": fitted})
         out = {}
         for kind, tried in rows.items():
             best = max(tried, key=lambda r: r["val"])
@@ -141,6 +157,12 @@ class Pair:
                 "sweeps": model.otfx_report["anchor_free"]["sweeps"] if hasattr(model, "otfx_report") else None}
 
 
+def _refit_plain(pair: Pair, method: tuple, reg) -> dict:
+    """The paper's fused model at its chosen reg, refitted without REPAIR."""
+    model = refit(pair.fuse(method[0], reg), pair.traced, pair.data, aligned=pair.targets(method[0])).eval()
+    return {"reg": reg, "val": pair.val(model), **pair.scores(model)}
+
+
 def predictions(model, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
     with torch.no_grad():
         outs = [model.eval()(pixel_values=x[i:i + batch]).logits.argmax(-1) for i in range(0, len(x), batch)]
@@ -148,7 +170,7 @@ def predictions(model, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
 
 
 RUNGS = ("paper: weights", "paper: activations", "+ fixed activations", "+ repair", "+ anchor-free",
-         "+ orthogonal residual")
+         "+ orthogonal residual", "+ refit")
 ORTHO_A = ({"cost": "activations", "residual": "orthogonal"}, {})
 ORTHO_W = ({"cost": "weights", "residual": "orthogonal"}, {})
 
@@ -160,7 +182,8 @@ def ladder(pair: Pair, short: bool = False) -> dict:
         ortho_a, ortho_w = pair.choose(ORTHO_A), pair.choose(ORTHO_W)
         out = {"paper: weights": weights["plain"], "+ fixed activations": fixed["plain"], "+ repair": fixed["repair"],
                "+ anchor-free": pair.anchor_free(True), "+ orthogonal residual": ortho_a["repair"],
-               "weights + repair": weights["repair"], "orthogonal activations, no repair": ortho_a["plain"],
+               "+ refit": ortho_a["refit"], "weights + repair": weights["repair"],
+               "weights + repair + refit": weights["refit"], "orthogonal activations, no repair": ortho_a["plain"],
                "weights, orthogonal (the default without data)": ortho_w["plain"]}
         for k, v in out.items():
             print(f"  {k}: val {100 * v['val']:.2f} test {100 * v['test']:.2f} (reg {v['reg']})", flush=True)
@@ -180,6 +203,9 @@ def ladder(pair: Pair, short: bool = False) -> dict:
         "uniform plans": uniform["plain"],
         "uniform plans + repair": uniform["repair"],
         "+ orthogonal residual": ortho_a["repair"],
+        "+ refit": ortho_a["refit"],
+        "weights + repair + refit": weights["refit"],
+        "paper weights, no repair + refit": _refit_plain(pair, PAPER_W, weights["plain"]["reg"]),
         "orthogonal activations, no repair": ortho_a["plain"],
         "weights, orthogonal (the default without data)": ortho_w["plain"],
         "weights, orthogonal + repair": ortho_w["repair"],
@@ -193,7 +219,7 @@ def ladder(pair: Pair, short: bool = False) -> dict:
 def diagnose(pair: Pair) -> dict:
     out = {}
     for name, method in DIAGNOSIS.items():
-        out[name] = pair.choose(method, REGS, keep=("emd",))
+        out[name] = pair.choose(method, REGS, keep=("emd",), with_refit=False)
         print(f"  {name}: test {100 * out[name]['plain']['test']:.2f} / repaired "
               f"{100 * out[name]['repair']['test']:.2f}", flush=True)
     return out
@@ -355,7 +381,7 @@ def per_class_page(entry: dict) -> str:
 
 BERT_REGS = ("emd", 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 BERT_RUNGS = ("paper: weights", "paper: activations", "+ fixed activations", "+ repair", "+ anchor-free",
-              "+ orthogonal residual")
+              "+ orthogonal residual", "+ refit")
 
 
 def bert_pair(steps: int = 600) -> tuple:
@@ -405,8 +431,11 @@ def bert_ladder(steps: int = 600) -> dict:
         finally:
             provider()
 
-    def choose(method, **extra) -> dict:
-        tried = {"plain": [], "repair": []}
+    def choose(method, with_refit: bool = False, **extra) -> dict:
+        tried = {"plain": [], "repair": [], **({"refit": []} if with_refit else {})}
+        options = {"residual": "mean", **method[0], **extra}
+        targets = refit_targets(traced, FusionConfig.make(cost=options.get("cost", "weights"),
+                                                          residual=options["residual"]), data) if with_refit else None
         for reg in BERT_REGS:
             try:
                 model = fuse(method, reg, **extra)
@@ -416,6 +445,9 @@ def bert_ladder(steps: int = 600) -> dict:
             tried["plain"].append({"reg": reg, "dev": dev_loss(model), "model": model})
             fixed_model = repair(model, traced, data, aligned=aligned).eval()
             tried["repair"].append({"reg": reg, "dev": dev_loss(fixed_model), "model": fixed_model})
+            if with_refit:
+                fitted = refit(fixed_model, traced, data, aligned=targets).eval()
+                tried["refit"].append({"reg": reg, "dev": dev_loss(fitted), "model": fitted})
         out = {}
         for kind, rows in tried.items():
             best = min(rows, key=lambda r: r["dev"])
@@ -423,7 +455,7 @@ def bert_ladder(steps: int = 600) -> dict:
                          "sweep": {str(r["reg"]): r["dev"] for r in rows}}
         return out
 
-    weights, paper, fixed_acts = choose(PAPER_W), choose(PAPER_A), choose(FIXED)
+    weights, paper, fixed_acts = choose(PAPER_W, with_refit=True), choose(PAPER_A), choose(FIXED)
     rungs = {"paper: weights": weights["plain"], "paper: activations": paper["plain"],
              "+ fixed activations": fixed_acts["plain"], "+ repair": fixed_acts["repair"]}
     free = anchor_free_fuse(*traced).eval()
@@ -431,13 +463,15 @@ def bert_ladder(steps: int = 600) -> dict:
     rungs["+ anchor-free"] = {"reg": "emd", "dev": dev_loss(free), "test": test_loss(free)}
     if "orthogonal" in _config.choices()["residual"]:  # the lead's policy, offered once it is registered
         try:
-            ortho = choose(FIXED, residual="orthogonal")
+            ortho = choose(FIXED, with_refit=True, residual="orthogonal")
             rungs["+ orthogonal residual"] = ortho["repair"]
+            rungs["+ refit"] = ortho["refit"]
             entry["orthogonal, no repair"] = ortho["plain"]
         except Exception as e:  # noqa: BLE001 - recorded on the page instead of losing the other rungs
             entry["orthogonal_error"] = f"{type(e).__name__}: {e}"
             print(f"  bert orthogonal residual failed: {entry['orthogonal_error']}", flush=True)
     entry["weights + repair"] = weights["repair"]
+    entry["weights + repair + refit"] = weights["refit"]
     entry["rungs"] = rungs
     entry["seconds"] = time.perf_counter() - t0
     for k, v in rungs.items():
@@ -464,7 +498,7 @@ def bert_page(entry: dict) -> str:
             continue
         rows.append([rung, f"{r['dev']:.3f}", f"{r['test']:.3f}", f"{100 * gap_closed(entry, r['test']):.0f}%",
                      f"{r['reg']}"])
-    for name in ("weights + repair", "orthogonal, no repair"):
+    for name in ("weights + repair", "weights + repair + refit", "orthogonal, no repair"):
         if name in entry:
             r = entry[name]
             rows.append([f"{name} (control)", f"{r['dev']:.3f}", f"{r['test']:.3f}",
@@ -514,7 +548,8 @@ def page(results: dict, seeds: list[int]) -> str:
     rows = []
     first = results[datasets[0]][orders[0]]
     rungs = [r for r in RUNGS if r in first]
-    controls = [r for r in ("weights + repair", "paper activations + repair", "anchor-free, no repair",
+    controls = [r for r in ("weights + repair", "weights + repair + refit", "paper weights, no repair + refit",
+                            "paper activations + repair", "anchor-free, no repair",
                             "uniform plans", "uniform plans + repair", "orthogonal activations, no repair",
                             "weights, orthogonal (the default without data)", "weights, orthogonal + repair")
                 if r in first]

@@ -57,10 +57,10 @@ class FusionConfig:
     refit: bool | None = None
     #: align every model to a common barycentre (MergeMany) instead of to the first model
     anchor_free: bool = False
-    #: with ``data``, fuse each candidate for the options left None (cost, reg, residual) and keep the one whose
-    #: outputs on ``data`` agree best with the parents' mean, no labels read (``otfx.select``): ``"kl"`` (outputs
-    #: read as logits), ``"mse"`` (other outputs) or ``"off"``; None: ``"kl"``. 5-8x the time of one fusion
-    #: (the ViT pairs of 08_defaults; 15x on its BERT pair)
+    #: with ``data``, fuse each candidate for the options left None (cost, reg, residual, refit) and keep the one
+    #: whose outputs on ``data`` agree best with the parents' mean, no labels read (``otfx.select``): ``"kl"``
+    #: (outputs read as logits), ``"mse"`` (other outputs) or ``"off"``; None: ``"kl"``. 4-12x the time of one
+    #: fusion (the ViT pairs of 08_defaults; 36x on its BERT pair)
     select: str | None = None
 
     @classmethod
