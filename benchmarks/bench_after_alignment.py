@@ -8,7 +8,8 @@ parents hard-aligned to the anchor, their statistics and the fused model's, fold
 refit: the targets' alignment, then one lockstep pass of the fused model and both parents), the alignment itself.
 
 Run from the repository root: ``OMP_NUM_THREADS=1 python benchmarks/bench_after_alignment.py``; writes
-``benchmarks/results/bench_after_alignment.json`` and prints a Markdown table.
+``benchmarks/results/bench_after_alignment.json`` and prints a Markdown table. ``BENCH_RUNS=1`` times one run of
+each; names (substrings) as arguments run only those configurations and update their rows of the JSON.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def main() -> None:
         options = dict(options)
         use_data = options.pop("data", False)
         runs = []
-        for _ in range(3):
+        for _ in range(int(os.environ.get("BENCH_RUNS", "3"))):
             t0 = time.perf_counter()
             fused = otfx.fuse(ta, tb, data=data if use_data else None, **options)
             wall = time.perf_counter() - t0

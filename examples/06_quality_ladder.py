@@ -116,10 +116,11 @@ class Pair:
         data = self.data if options.get("cost", "weights") != "weights" else None
         if data is not None and samples:
             data = R.activation_data(self.x_train, samples)
-        # repair=False: the "plain" rows are the maps alone (fuse repairs by default when it is given data);
+        # repair=False, refit=False: the "plain" rows are the maps alone (fuse repairs and refits by default when it
+        # is given data);
         # the "repair" rows repair the same fused model explicitly
         options.setdefault("residual", "mean")  # the paper's policy unless a rung names another
-        return otfx.fuse(*self.traced, data=data, repair=False, **solver, **options).eval()
+        return otfx.fuse(*self.traced, data=data, repair=False, refit=False, **solver, **options).eval()
 
     def choose(self, method: tuple, regs: Sequence = REGS, keep: Sequence = (), with_refit: bool = True) -> dict:
         """Fuse with each reg, without and with REPAIR (of the same fused model), and REPAIR + refit; for each, keep
@@ -426,7 +427,8 @@ def bert_ladder(steps: int = 600) -> dict:
         provider(**settings)
         try:
             use = data if options.get("cost") != "weights" or extra.get("residual") == "orthogonal" else None
-            return otfx.fuse(*traced, data=use, repair=False, **solver, **{"residual": "mean", **options, **extra}
+            return otfx.fuse(*traced, data=use, repair=False, refit=False, **solver,
+                             **{"residual": "mean", **options, **extra}
                              ).eval()
         finally:
             provider()

@@ -67,7 +67,7 @@ def image_entry(split, spec, seeds: Sequence[int]) -> dict:
             for row, (options, with_data) in ROWS.items():
                 model, seconds, config = _fused(traced, options, data if with_data else None)
                 run[row] = {"val": val(model), "test": test(model), "seconds": seconds,
-                            "config": {k: config[k] for k in ("cost", "residual", "reg", "repair", "refit")}}
+                            "config": {k: config[k] for k in ("cost", "solver", "residual", "reg", "repair", "refit")}}
                 if "selection" in model.otfx_report:
                     run[row]["selection"] = model.otfx_report["selection"]["rows"]
                 print(f"  {order} {row}: val {100 * run[row]['val']:.2f} test {100 * run[row]['test']:.2f} "
@@ -86,7 +86,7 @@ def bert_entry() -> dict:
     for row, (options, with_data) in ROWS.items():
         model, seconds, config = _fused(traced, options, data if with_data else None)
         entry[row] = {**losses(model), "seconds": seconds,
-                      "config": {k: config[k] for k in ("cost", "residual", "reg", "repair", "refit")}}
+                      "config": {k: config[k] for k in ("cost", "solver", "residual", "reg", "repair", "refit")}}
         print(f"  bert {row}: val {entry[row]['val']:.3f} test {entry[row]['test']:.3f} ({seconds:.1f} s)", flush=True)
     return entry
 
@@ -99,7 +99,8 @@ def page(results: dict) -> str:
     lines = [
         "Every row is a single `otfx.fuse` call with the defaults (no reg, cost or policy chosen on any labelled "
         f"split), with {SAMPLES} unlabelled training images as `data` where the row says so. With `data`, "
-        "`otfx.fuse` itself chooses cost and reg among 4 candidates, each with and without the least-squares refit, "
+        "`otfx.fuse` itself chooses among 6 alignments (weights or activations cost, Sinkhorn reg 0.1 or 0.5 or EMD), "
+        "each with and without the least-squares refit, "
         "by how well each fused model agrees with the "
         "parents' mean prediction on those images (no labels); `select='off'` is the fixed default it replaced. "
         "Cells: test accuracy % "

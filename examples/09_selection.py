@@ -35,13 +35,13 @@ NAME = "09_selection"
 TITLE = "Label-free choice of fusion options"
 SAMPLES = 256
 EXAMPLE_BATCH = 64
-GRID = [dict(zip(("cost", "residual", "reg"), c)) for c in itertools.product(
-    ("weights", "activations"), ("mean", "orthogonal"), (0.03, 0.1, 0.25, 0.5))]
+GRID = [dict(zip(("cost", "residual", "reg", "refit"), c)) for c in itertools.product(
+    ("weights", "activations"), ("mean", "orthogonal"), (0.03, 0.1, 0.25, 0.5), (False, True))]
 
 
 def is_candidate(options: dict) -> bool:
     """Whether ``fuse``'s selection tries this configuration (every open axis at one of its candidates)."""
-    return all(options[k] in CANDIDATES[k] for k in ("cost", "reg", "residual"))
+    return all(options[k] in CANDIDATES[k] for k in ("cost", "reg", "residual", "refit"))
 
 
 def setting(traced: Sequence, data, val: Callable, test: Callable, higher: bool) -> dict:

@@ -377,7 +377,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     if selection:
         tried = [r for r in selection["rows"] if r["status"] == "ok"]
         best = selection["best"]
-        chosen = ", ".join(f"{k} {best[k]}" for k in ("cost", "reg", "residual", "refit") if k in best)
+        chosen = ", ".join(f"{k} {best[k]}" for k in ("cost", "solver", "reg", "residual", "refit")
+                           if best.get(k) is not None)
         print(f"chose {chosen} among {len(tried)} candidates ({selection['metric']} to the models' mean "
               f"{best[selection['metric']]:.4g} on --data; --select off to fuse once)")
     onnx_check, status = None, 0

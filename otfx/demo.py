@@ -262,7 +262,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
         """Sinkhorn over ``options x regs``; the best on validation is the row (first on ties)."""
         best, tried, t0 = None, 0, time.perf_counter()
         for opts in options:
-            extra = {"data": data, "repair": False} if opts.get("cost") == "activations" else {}  # the paper's
+            extra = ({"data": data, "repair": False, "refit": False}  # the paper's
+                     if opts.get("cost") == "activations" else {})
             for reg in regs:
                 bar.set_postfix_str(f"{name} reg {reg:g}", refresh=True)
                 bar.update()
@@ -291,7 +292,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
     fused["otfx default, with data"] = _timed(otfx.fuse, *traced, data=data)
     chosen = fused["otfx default, with data"][0].otfx_report["config"]
     add("otfx default, with data", *fused["otfx default, with data"],
-        f"fuse(a, b, data=...): {chosen['cost']}, reg {chosen['reg']:g} + REPAIR, chosen without labels among 4; "
+        f"fuse(a, b, data=...): {chosen['cost']}, reg {chosen['reg']:g} + REPAIR"
+        f"{' + refit' if chosen['refit'] else ''}, chosen without labels among 8; "
         f"{config.act_samples} unlabelled training images")
 
     by_name = {r["model"]: r for r in rows}

@@ -441,10 +441,13 @@ def test_fuse_with_data_chooses_options_without_labels_and_says_which(tmp_path, 
     report = json.loads((tmp_path / "fused" / "report.json").read_text())
     selection = report["selection"]
     best = selection["best"]
-    assert len([r for r in selection["rows"] if r["status"] == "ok"]) == 8
-    assert (f"chose cost {best['cost']}, reg {best['reg']}, residual orthogonal, refit {best['refit']} among 8 "
-            "candidates") in out
-    assert report["config"]["options"]["cost"] == best["cost"] and report["config"]["options"]["reg"] == best["reg"]
+    assert len([r for r in selection["rows"] if r["status"] == "ok"]) == 12
+    reg = f"reg {best['reg']}, " if best["reg"] is not None else ""
+    assert (f"chose cost {best['cost']}, solver {best['solver']}, {reg}residual orthogonal, refit {best['refit']} "
+            "among 12 candidates") in out
+    options = report["config"]["options"]
+    assert options["cost"] == best["cost"] and options["solver"] == best["solver"]
+    assert best["reg"] is None or options["reg"] == best["reg"]
     code, out, err = run(capsys, "fuse", models["bert_a"], models["bert_b"], "--data", tmp_path / "ids.npy",
                          "--data-batch", "4", "--select", "off", "--out", tmp_path / "once")
     assert code == 0, err

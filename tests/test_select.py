@@ -51,19 +51,24 @@ def test_fuse_with_data_picks_the_candidate_with_the_lowest_score_and_reports_ev
     assert_state_unchanged(tb.model, before[1])
     selection = fused.otfx_report["selection"]
     rows = [r for r in selection["rows"] if r["status"] == "ok"]
-    assert len(rows) == 8, selection["rows"]
-    assert {(r["cost"], r["reg"], r["refit"]) for r in rows} == {
-        (c, g, f) for c in ("weights", "activations") for g in (0.1, 0.5) for f in (False, True)}
+    assert len(rows) == 12, selection["rows"]
+    assert {(r["cost"], r["solver"], r["reg"], r["refit"]) for r in rows} == {
+        (c, s, g, f) for c in ("weights", "activations") for s, g in (("sinkhorn_torch", 0.1),
+                                                                     ("sinkhorn_torch", 0.5), ("emd", None))
+        for f in (False, True)}
     best = selection["best"]
     assert best["kl"] == min(r["kl"] for r in rows)
     # the returned model is the best candidate: it scores what the sweep recorded, and its configuration says so
     score = Agreement([ta, tb], data, [0.5, 0.5], "kl")
     assert score(fused) == pytest.approx(best["kl"], rel=1e-6, abs=1e-12)
     config = fused.otfx_report["config"]
-    assert (config["cost"], config["reg"], config["residual"], config["refit"]) == (
-        best["cost"], best["reg"], "orthogonal", best["refit"])
+    assert (config["cost"], config["solver"], config["residual"], config["refit"]) == (
+        best["cost"], best["solver"], "orthogonal", best["refit"])
+    if best["reg"] is not None:
+        assert config["reg"] == best["reg"]
     # a refitted candidate reuses its twin's fusion: it is what fuse(..., refit=True) returns
-    row = next(r for r in rows if r["refit"] and r["cost"] == "weights" and r["reg"] == 0.5)
+    row = next(r for r in rows if r["refit"] and r["cost"] == "weights" and r["reg"] == 0.5
+               and r["solver"] == "sinkhorn_torch")
     direct = otfx.fuse(ta, tb, data=data, select="off", cost="weights", reg=0.5, residual="orthogonal", refit=True)
     assert score(direct) == pytest.approx(row["kl"], rel=1e-6, abs=1e-12)
 
@@ -91,8 +96,11 @@ def test_select_off_and_fixed_options_fuse_once_as_given():
     # without data nothing is chosen
     assert not should_select(FusionConfig(), has_data=False)
     # an open reg with a fixed cost is one axis of two values
-    assert candidate_grid(FusionConfig(cost="weights")) == {"reg": (0.1, 0.5), "residual": ("orthogonal",),
-                                                            "refit": (False, True)}
+    assert candidate_grid(FusionConfig(cost="weights")) == {
+        "solver": ("sinkhorn_torch", "emd"), "reg": (0.1, 0.5), "residual": ("orthogonal",), "refit": (False, True)}
+    # a solver or a reg the caller gave is kept: no EMD candidate then
+    assert "solver" not in candidate_grid(FusionConfig(cost="weights", reg=0.3))
+    assert "solver" not in candidate_grid(FusionConfig(cost="weights", solver="sinkhorn"))
     # with every other option fixed, refit is still chosen: with it or without
     assert candidate_grid(FusionConfig(cost="weights", reg=0.25, residual="mean")) == {"refit": (False, True)}
 

@@ -250,6 +250,7 @@ def run_variant(variant: Variant, models: Sequence[nn.Module], traced: Sequence[
                 raise ValueError(f"variant {variant.name!r} needs activation data")
             options["data"] = data
             options.setdefault("repair", False)  # the paper's method, as the pages report it (fuse repairs with data)
+            options.setdefault("refit", False)  # and refits with data
         model = otfx.fuse(*traced, **options)
     else:
         raise ValueError(f"variant {variant.name!r}: unknown kind {variant.kind!r}")
