@@ -59,8 +59,8 @@ class FusionConfig:
     anchor_free: bool = False
     #: with ``data``, fuse each candidate for the options left None (cost, reg, residual, refit) and keep the one
     #: whose outputs on ``data`` agree best with the parents' mean, no labels read (``otfx.select``): ``"kl"``
-    #: (outputs read as logits), ``"mse"`` (other outputs) or ``"off"``; None: ``"kl"``. 4-12x the time of one
-    #: fusion (the ViT pairs of 08_defaults; 36x on its BERT pair)
+    #: (outputs read as logits), ``"mse"`` (other outputs) or ``"off"``; None: ``"kl"``. 7-17x the time of one
+    #: fusion (the ViT pairs of 08_defaults; 28x on its BERT pair)
     select: str | None = None
 
     @classmethod
