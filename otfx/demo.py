@@ -290,11 +290,12 @@ def run_demo(config: DemoConfig) -> DemoResult:
     add("otfx default, no data", *fused["otfx default, no data"],
         "fuse(a, b): weights, one rotation of the residual stream, Sinkhorn reg 0.06")
     fused["otfx default, with data"] = _timed(otfx.fuse, *traced, data=data)
-    chosen = fused["otfx default, with data"][0].otfx_report["config"]
+    report = fused["otfx default, with data"][0].otfx_report
+    chosen, tried = report["config"], len(report.get("selection", {}).get("rows", []))
+    plans = "EMD" if chosen["solver"] == "emd" else f"reg {chosen['reg']:g}"
     add("otfx default, with data", *fused["otfx default, with data"],
-        f"fuse(a, b, data=...): {chosen['cost']}, reg {chosen['reg']:g} + REPAIR"
-        f"{' + refit' if chosen['refit'] else ''}, chosen without labels among 8; "
-        f"{config.act_samples} unlabelled training images")
+        f"fuse(a, b, data=...): {chosen['cost']}, {plans} + REPAIR{' + refit' if chosen['refit'] else ''}, chosen "
+        f"without labels among {tried}; {config.act_samples} unlabelled training images")
 
     by_name = {r["model"]: r for r in rows}
     keep = max(fused, key=lambda n: by_name[n]["val"])  # the fused model to save: best OT variant on val
