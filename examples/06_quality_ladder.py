@@ -5,7 +5,9 @@ Rungs, each adding one thing to the one before: the paper's method (weights cost
 at each producing layer's output) -> + fixed activations (each class read where its readers see it: the
 embedding after its position table, values at the attention context, MLP units after GELU) -> + REPAIR (unit
 statistics reset to the parents' mean, folded into the weights) -> + anchor-free (MergeMany over hard maps,
-then REPAIR). Both anchor orders of one pair per dataset. Every choice (EMD or a Sinkhorn reg) is made on the
+then REPAIR) -> + orthogonal residual (activations, one rotation per stream, REPAIR) -> + refit (that model
+after the least-squares refit of every linear layer to the parents' mean outputs).
+Both anchor orders of one pair per dataset. Every choice (EMD or a Sinkhorn reg) is made on the
 validation split; the test split is only reported. A diagnosis table on digits measures what was wrong with the
 activations cost (which node is read, how the stream's writers are combined, samples, hard or soft maps), with
 and without REPAIR. Writes docs/results/06_quality/{README.md,results.json}.
