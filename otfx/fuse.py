@@ -177,16 +177,28 @@ def fuse(*models, args: tuple | None = None, kwargs: dict | None = None, data=No
         fused = repair(fused, [i.traced for i in inferences], data, config.weights, aligned=aligned)
         timings["repair"] = time.perf_counter() - t0
     if config.refit:
-        from otfx.align.refit import refit
-
         t0 = time.perf_counter()
-        targets = aligned if aligned is not None else refit_targets(inferences, config, data)
-        fused = refit(fused, [i.traced for i in inferences], data, config.weights, aligned=targets)
+        fused = refit_fused(fused, [i.traced for i in inferences], config, data, aligned)
         timings["refit"] = time.perf_counter() - t0
     checks.check_finite_params(fused, "the fused model", error=checks.NonFiniteError)
     timings["total"] = time.perf_counter() - start
     fused.otfx_report = {"config": vars(config), "maps": stats, "timings": timings}
     return fused
+
+
+def refit_fused(fused: nn.Module, traced: list[Traced], config: FusionConfig, data, aligned: list | None = None,
+                targets: dict | None = None) -> nn.Module:
+    """``fused`` refitted as ``fuse`` refits it: towards ``aligned`` (the anchor-free fusion's own aligned
+    models) or else ``refit_targets``; ``targets``, a cache of those by what they depend on, shared by calls."""
+    from otfx.align.refit import refit
+
+    if aligned is None:
+        key = (config.cost, config.residual == "orthogonal", repr(config.tokens))
+        cache = targets if targets is not None else {}
+        if key not in cache:
+            cache[key] = refit_targets(traced, config, data)
+        aligned = cache[key]
+    return refit(fused, traced, data, config.weights, aligned=aligned)
 
 
 def refit_targets(inferences: list, config: FusionConfig, data) -> list:

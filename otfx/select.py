@@ -28,10 +28,10 @@ SCORES = tuple(s for s in SELECT if s != "off")
 #: plan (images choose 0.5, the BERT pair 0.1; no single reg serves both), rotated residual streams, and each
 #: with and without the least-squares refit (it lifts a weak alignment to near the parents but can cost a good one
 #: a little: docs/results/08_defaults); refit varies fastest, so its twin's fusion is reused
-#: the exact solver offered beside Sinkhorn when the caller fixed neither solver nor reg
-EMD = "emd"
 CANDIDATES: dict[str, tuple] = {"cost": ("weights", "activations"), "reg": (0.1, 0.5), "residual": ("orthogonal",),
                                 "refit": (False, True)}
+#: the exact solver offered beside Sinkhorn when the caller fixed neither solver nor reg
+EMD = "emd"
 #: parents' outputs kept between candidates up to this many bytes; beyond it they are recomputed per candidate
 TARGET_CACHE_BYTES = 1 << 28
 
@@ -138,11 +138,12 @@ def select_and_fuse(traced: Sequence[Traced], data, given: FusionConfig, fuse: C
     fixed = {k: v for k, v in vars(given).items() if v is not None and k != "select"}
 
     last: dict[str, tuple] = {}  # the last fusion without refit, for its refitted twin
+    targets: dict = {}  # the refit's aligned parents, shared by the candidates with the same cost and stream maps
 
     def fixed_fuse(*models, **options) -> nn.Module:
         key = repr(sorted((k, v) for k, v in options.items() if k not in ("refit", "data")))
         if options.get("refit") and last.get("unrefitted", (None,))[0] == key:
-            return _refitted(last["unrefitted"][1], models, options)
+            return _refitted(last["unrefitted"][1], models, options, targets)
         with warnings.catch_warnings():  # the rotated streams are otfx's candidate, not the caller's request
             warnings.simplefilter("ignore", StreamFallbackWarning)
             model = fuse(*models, select="off", **options)
@@ -154,18 +155,16 @@ def select_and_fuse(traced: Sequence[Traced], data, given: FusionConfig, fuse: C
                  higher_is_better=False, grid=candidate_grid(given), fuse=fixed_fuse, baselines=False, **fixed)
 
 
-def _refitted(model: nn.Module, models: Sequence[Traced], options: dict) -> nn.Module:
+def _refitted(model: nn.Module, models: Sequence[Traced], options: dict, targets: dict) -> nn.Module:
     """``model`` (fused with ``refit=False``) refitted as ``fuse(..., refit=True)`` would have refitted it."""
     import time
 
-    from otfx.align.refit import refit
-    from otfx.fuse import refit_targets
+    from otfx.fuse import refit_fused
 
     t0 = time.perf_counter()
     data = options["data"]
     config = FusionConfig.make(**{k: v for k, v in options.items() if k != "data"}).resolved(True, len(models))
-    aligned = getattr(model, "otfx_aligned", None) or refit_targets(list(models), config, data)
-    result = refit(model, list(models), data, config.weights, aligned=aligned)
+    result = refit_fused(model, list(models), config, data, getattr(model, "otfx_aligned", None), targets)
     report = getattr(model, "otfx_report", {})
     result.otfx_report = {**report, "config": vars(config),
                           "timings": {**report.get("timings", {}), "refit": time.perf_counter() - t0}}

@@ -15,12 +15,9 @@ from torch import nn
 
 from otfx.align.config import FusionError
 from otfx.align.config import normalised_weights as _weights
+from otfx.align.execute import as_module
 from otfx.infer.result import Inference
 from otfx.trace import Traced
-
-
-def _module(model) -> nn.Module:
-    return model.traced.model if isinstance(model, Inference) else model.model if isinstance(model, Traced) else model
 
 
 def _example(models, args, kwargs) -> tuple[tuple, dict | None]:
@@ -71,7 +68,7 @@ def barycentre_align(*models, args: tuple | None = None, kwargs: dict | None = N
     w = _weights(weights, len(models))
     if data is not None:
         align_options["data"] = list(data)
-    current = [copy.deepcopy(_module(m)) for m in models]
+    current = [copy.deepcopy(as_module(m)) for m in models]
     # a canonical order (by the parameters' fingerprint, not by position), so that the result does not depend on
     # the order in which the models are given
     order = sorted(range(len(models)), key=lambda i: fingerprint(current[i]))
@@ -88,7 +85,7 @@ def barycentre_align(*models, args: tuple | None = None, kwargs: dict | None = N
             if total <= 0:
                 continue
             target = average([current[j] for j in others], [w[j] / total for j in others])
-            new = align(_module(model), to=target, args=args, kwargs=kwargs, **align_options)
+            new = align(as_module(model), to=target, args=args, kwargs=kwargs, **align_options)
             if not _same(new, current[i]):
                 changed = True
             current[i] = new

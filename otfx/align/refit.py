@@ -88,7 +88,8 @@ def _solve(gram: torch.Tensor, cross: torch.Tensor, start: torch.Tensor, ridge: 
 
 def _run(anchor: Traced, fused: nn.Module, parents: Sequence[nn.Module], weights: Sequence[float], data,
          ridge: float) -> dict[str, float]:
-    """Refit ``fused``'s linear layers in place; returns each layer's relative residual before and after."""
+    """Refit ``fused``'s linear layers in place; returns each layer's squared error after its refit, relative to
+    its target's."""
     traced = for_calibration(anchor, data)
     layers = {layer.node: layer for layer in refit_layers(traced)}
     runners = [GraphRunner(traced, m) for m in (fused, *parents)]
