@@ -127,12 +127,14 @@ def conv(ctx: InferContext, node: fx.Node) -> None:
     groups = arg(node, 6, "groups", 1)
     x_axes, w_axes = ctx.axes_of(x), ctx.axes_of(weight)
     shape = ctx.shape(node)
-    if x_axes is not None and w_axes is not None and groups > 1 and groups == shape[1] == ctx.shape(x)[1] \
-            and len(x_axes) == len(shape):
+    if x_axes is None or w_axes is None or len(x_axes) != len(shape):
+        ctx.fix_node(node, "unbatched convolution", unknown=True)
+        return
+    if groups > 1 and groups == shape[1] == ctx.shape(x)[1]:
         _depthwise(ctx, node, x_axes, w_axes, bias)
         return
-    if groups != 1 or x_axes is None or w_axes is None or len(x_axes) != len(shape):
-        ctx.fix_node(node, "grouped or unbatched convolution", unknown=True)
+    if groups > 1:
+        _grouped(ctx, node, x_axes, w_axes, bias, groups)
         return
     ctx.link(x_axes[1], w_axes[1])
     ctx.consume(weight, 1)
@@ -145,6 +147,33 @@ def conv(ctx: InferContext, node: fx.Node) -> None:
         ctx.link(ctx.axes_of(bias)[0], out)
     spatial = ctx.fresh(shape[2:], "convolution output position")
     ctx.set_axes(node, [x_axes[0], out, *spatial])
+
+
+def _grouped(ctx: InferContext, node: fx.Node, x_axes, w_axes, bias, groups: int) -> None:
+    """1 < groups: input channels are (group, channel in group), output channels (group, unit in group), and
+    group i's units read group i's channels alone. So the groups are one space in and out (moved together), the
+    channels in a group are contracted with the weight's input axis, and its units are a new space made by the
+    weight's rows, one permutation for every group (a depthwise convolution with a channel multiplier m: each
+    channel becomes m units, channel x copy, as in PiT's pooling)."""
+    shape, spaces = ctx.shape(node), ctx.spaces
+    in_width, out_width = ctx.shape(node.args[0])[1] // groups, shape[1] // groups
+    group = spaces.new(groups)
+    if in_width == 1:
+        ctx.link(x_axes[1], group)
+    else:
+        inner = spaces.new(in_width)
+        spaces.set_structure(x_axes[1], "prod", [group, inner])
+        ctx.link(inner, w_axes[1])
+        ctx.consume(node.args[1], 1)
+    for kernel_axis in w_axes[2:]:
+        ctx.spaces.fix(kernel_axis, "convolution kernel position")
+    out = spaces.product([group, spaces.new(out_width)]) if out_width > 1 else group
+    ctx.link(w_axes[0], out)
+    if out_width > 1:
+        ctx.produce(out, node.args[1], 0, node)
+    if isinstance(bias, fx.Node) and ctx.axes_of(bias):
+        ctx.link(ctx.axes_of(bias)[0], out)
+    ctx.set_axes(node, [x_axes[0], out, *ctx.fresh(shape[2:], "convolution output position")])
 
 
 def _depthwise(ctx: InferContext, node: fx.Node, x_axes, w_axes, bias) -> None:

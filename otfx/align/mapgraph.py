@@ -94,13 +94,21 @@ def _head_owners(s: PairStructure) -> dict[int, int]:
     for carrier in aware:
         factors = s.flat_factors(carrier)
         for f in factors:
-            if not s.is_fixed(f) and f not in owners:
+            if not s.is_fixed(f) and f not in owners and (not s.solved_alone(f) or _reads(s, f, carrier)):
                 owners[f] = carrier
         if owners.get(factors[-1]) == carrier:  # the head dim's free parts are solved with it
             for part in _inner_parts(s, factors[-1]):
                 if part not in owners and part not in s.producers and part not in s.combines:
                     owners[part] = carrier
     return owners
+
+
+def _reads(s: PairStructure, factor: int, carrier: int) -> bool:
+    """Whether a producer of ``factor`` reads ``carrier`` (a per-head gate computed from the values): then the
+    product solves the factor head by head; otherwise the factor is solved from its own producers and the
+    product reads its plan (a depthwise convolution's channels are the stream it reads)."""
+    return any(j != p.axis and s.root(sid) == carrier for p in s.producers.get(s.root(factor), [])
+               for j, sid in enumerate(s.anchor.param_axes[p.fqn]))
 
 
 def _inner_parts(s: PairStructure, inner: int) -> list[int]:

@@ -98,6 +98,12 @@ class PairStructure:
         return bool(structure and structure[0] == "prod" and (
             self.config.heads == "aware" or any(self.pinned(f) for f in self.flat_factors(root))))
 
+    def solved_alone(self, sid: int) -> bool:
+        """Whether a class has a plan of its own (produced, a residual add or concat), not one read off a
+        product it is a factor of."""
+        root = self.root(sid)
+        return root in self.producers or root in self.combines
+
     def params_of(self, root: int) -> list[str]:
         """``fqn axis k`` of the anchor's parameter axes in a class."""
         return [f"{fqn} axis {axis}" for fqn, axes in self.anchor.param_axes.items()
@@ -175,9 +181,10 @@ class PairStructure:
         return table
 
     def _carriers(self) -> dict[int, list[int]]:
-        """For each factor class, the produced product classes it is a factor of."""
+        """For each factor class, the product classes it is a factor of whose plan is computed: produced ones
+        first, then residual adds and concats (a stream read in groups by a grouped convolution)."""
         table: dict[int, list[int]] = defaultdict(list)
-        for root in self.producers:
+        for root in [*self.producers, *(r for r in self.combines if r not in self.producers)]:
             factors = self.flat_factors(root)
             if len(factors) > 1:
                 for f in factors:
