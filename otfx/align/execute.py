@@ -3,9 +3,13 @@ layer's values while the graph runs, for several models of the anchor's shapes i
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
+import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
+from otfx.align.activations import batches_like, for_calibration
 from otfx.align.config import FusionError
 from otfx.trace import Traced
 
@@ -39,6 +43,44 @@ class GraphRunner:
         if n.op == "get_attr":
             return getattr(traced.program.graph_module, n.target)
         raise FusionError(f"cannot execute graph node {n.name} ({n.op})")
+
+
+class Lockstep:
+    """``traced``'s graph run for several ``models`` over every calibration batch of ``data``, node by node.
+
+    Iterating yields each node once its value is known for every model and batch (``envs[model][batch][node]``);
+    the caller may read or replace those values (a repaired or refitted layer's output, see ``recompute``)
+    before the next node runs. A value is dropped once nothing later reads it."""
+
+    def __init__(self, traced: Traced, models: Sequence[nn.Module], data):
+        self.traced = for_calibration(traced, data)
+        self.runners = [GraphRunner(self.traced, m) for m in models]
+        self.batches = batches_like(self.traced, data)
+        self.inputs = user_inputs(self.traced, self.batches)
+        self.nodes = {n.name: n for n in self.traced.graph.nodes}
+        self.envs: list[list[dict]] = [[{} for _ in self.batches] for _ in models]
+
+    def __iter__(self) -> Iterator[fx.Node]:
+        last = last_uses(self.traced.graph)
+        with torch.no_grad():
+            for i, n in enumerate(self.traced.graph.nodes):
+                if n.op == "output":
+                    return
+                for model in range(len(self.runners)):
+                    self.recompute(model, n)
+                yield n
+                for a in n.all_input_nodes:
+                    if last.get(a) == i:
+                        for envs in self.envs:
+                            for env in envs:
+                                env.pop(a, None)
+
+    def recompute(self, model: int, n: fx.Node) -> None:
+        """``n``'s value for one model on every batch, from its inputs' values (after the model's tensors
+        changed)."""
+        runner = self.runners[model]
+        for env, inputs in zip(self.envs[model], self.inputs):
+            env[n] = runner.value(n, env, inputs)
 
 
 def user_inputs(traced: Traced, batches: list[tuple]) -> list[dict]:

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from otfx.align.activations import batches_like, for_calibration
 from otfx.align.config import FusionError
 from otfx.align.config import normalised_weights as _weights
-from otfx.align.execute import GraphRunner, as_module, as_traced, last_uses, user_inputs
+from otfx.align.execute import GraphRunner, Lockstep, as_module, as_traced
 from otfx.trace import Traced
 
 #: ridge strength, relative to the mean diagonal of X^T X: 1e-3 was best or within 0.7 points of the best of
@@ -90,32 +89,16 @@ def _run(anchor: Traced, fused: nn.Module, parents: Sequence[nn.Module], weights
          ridge: float) -> dict[str, float]:
     """Refit ``fused``'s linear layers in place; returns each layer's squared error after its refit, relative to
     its target's."""
-    traced = for_calibration(anchor, data)
-    layers = {layer.node: layer for layer in refit_layers(traced)}
-    runners = [GraphRunner(traced, m) for m in (fused, *parents)]
-    batches = batches_like(traced, data)
-    inputs = user_inputs(traced, batches)
-    last = last_uses(traced.graph)
-    nodes = {n.name: n for n in traced.graph.nodes}
-    envs = [[{} for _ in batches] for _ in runners]
+    run = Lockstep(anchor, [fused, *parents], data)
+    layers = {layer.node: layer for layer in refit_layers(run.traced)}
     report: dict[str, float] = {}
     with torch.no_grad():
-        for i, n in enumerate(traced.graph.nodes):
-            if n.op == "output":
-                break
-            for runner, model_envs in zip(runners, envs):
-                for b, env in enumerate(model_envs):
-                    env[n] = runner.value(n, env, inputs[b])
+        for n in run:
             layer = layers.get(n.name)
             if layer is not None:
-                report[n.name] = _refit(layer, nodes[layer.input], n, runners[0], envs, batches, weights, ridge)
-                for b, env in enumerate(envs[0]):  # later layers see the refitted values
-                    env[n] = runners[0].value(n, env, inputs[b])
-            for a in n.all_input_nodes:
-                if last.get(a) == i:
-                    for model_envs in envs:
-                        for env in model_envs:
-                            env.pop(a, None)
+                report[n.name] = _refit(layer, run.nodes[layer.input], n, run.runners[0], run.envs, run.batches,
+                                        weights, ridge)
+                run.recompute(0, n)  # later layers see the refitted values
     return report
 
 

@@ -14,12 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from otfx.align.activations import batches_like, for_calibration
 from otfx.align.config import FusionError
 from otfx.align.config import normalised_weights as _weights
-from otfx.align.execute import GraphRunner, as_module, as_traced, last_uses, user_inputs
+from otfx.align.execute import Lockstep, as_module, as_traced
 from otfx.infer.result import Inference
 from otfx.trace import Traced
 
@@ -78,38 +77,26 @@ def _execute(traced: Traced, model: nn.Module, data, units: Sequence[Unit],
     and return each unit's (mean, std) over samples and tokens. With ``targets``, each unit is rescaled to its
     target as soon as its statistics are known (later layers see the repaired values) and the affine map is
     folded into ``model``'s weight rows and bias in place."""
-    traced = for_calibration(traced, data)
-    runner = GraphRunner(traced, model)
-    batches = batches_like(traced, data)
-    inputs = user_inputs(traced, batches)
-    order = list(traced.graph.nodes)
-    last = last_uses(traced.graph)
+    run = Lockstep(traced, [model], data)
+    envs = run.envs[0]
     by_node = {u.node: u for u in units}
-    envs: list[dict[fx.Node, object]] = [{} for _ in batches]
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad():
-        for i, n in enumerate(order):
-            if n.op == "output":
-                break
-            for b, env in enumerate(envs):
-                env[n] = runner.value(n, env, inputs[b])
+        for n in run:
             unit = by_node.get(n.name)
-            if unit is not None:
-                mean, std = _moments([env[n][:real] for env, (_, real) in zip(envs, batches)], unit.axis)
-                stats[n.name] = (mean, std)
-                if targets is not None and n.name in targets:
-                    t_mean, t_std = targets[n.name]
-                    scale = torch.where(std > eps, t_std / std.clamp_min(eps), torch.ones_like(std))
-                    shift = t_mean - scale * mean if unit.bias is not None else torch.zeros_like(mean)
-                    shape = [1] * env[n].ndim
-                    shape[unit.axis] = -1
-                    for env in envs:
-                        env[n] = env[n] * scale.to(env[n].dtype).view(shape) + shift.to(env[n].dtype).view(shape)
-                    _fold(runner.params, unit, scale, shift)
-            for a in n.all_input_nodes:
-                if last.get(a) == i:
-                    for env in envs:
-                        env.pop(a, None)
+            if unit is None:
+                continue
+            mean, std = _moments([env[n][:real] for env, (_, real) in zip(envs, run.batches)], unit.axis)
+            stats[n.name] = (mean, std)
+            if targets is not None and n.name in targets:
+                t_mean, t_std = targets[n.name]
+                scale = torch.where(std > eps, t_std / std.clamp_min(eps), torch.ones_like(std))
+                shift = t_mean - scale * mean if unit.bias is not None else torch.zeros_like(mean)
+                shape = [1] * envs[0][n].ndim
+                shape[unit.axis] = -1
+                for env in envs:
+                    env[n] = env[n] * scale.to(env[n].dtype).view(shape) + shift.to(env[n].dtype).view(shape)
+                _fold(run.runners[0].params, unit, scale, shift)
     return stats
 
 
