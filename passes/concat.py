@@ -71,7 +71,8 @@ def stack(ctx: InferContext, node: fx.Node) -> None:
     ctx.set_axes(node, out)
 
 
-@register(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.tensor_split.sections)
+@register(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.tensor_split.sections,
+          aten.tensor_split.indices)
 def split(ctx: InferContext, node: fx.Node) -> None:
     x = node.args[0]
     axes = ctx.axes_of(x)
@@ -83,8 +84,14 @@ def split(ctx: InferContext, node: fx.Node) -> None:
         ctx.set_axes(node, [axes[:dim] + [ctx.spaces.new(0, "a part of input-dependent size")] + axes[dim + 1:]
                             for _ in vals])
         return
-    parts = [ctx.spaces.new(int(v.shape[dim])) for v in vals]
-    ctx.spaces.set_structure(axes[dim], "sum", parts)
+    sizes = [int(v.shape[dim]) for v in vals]
+    filled = [n for n in sizes if n]
+    if len(filled) == 1:  # the whole and empty rest (tensor_split at or past the end): the same space
+        ctx.set_axes(node, [list(axes) if n else axes[:dim] + [ctx.spaces.new(0, "an empty part")] + axes[dim + 1:]
+                            for n in sizes])
+        return
+    parts = [ctx.spaces.new(n) for n in sizes]
+    ctx.spaces.set_structure(axes[dim], "sum", [p for p, n in zip(parts, sizes) if n])
     ctx.set_axes(node, [axes[:dim] + [p] + axes[dim + 1:] for p in parts])
 
 

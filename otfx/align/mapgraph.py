@@ -4,7 +4,8 @@ computed, with an edge for every "this plan is computed from that plan" dependen
 Node kinds: ``fixed`` (identity), ``solve`` (from a cost between the class's neurons), ``heads`` (a produced
 product solved head by head; it also yields the factors it ``owns``), ``factor`` (a factor a ``heads`` node
 solves), ``combine`` (a residual add or concat: the policy over its inputs' plans), ``sum`` (block-diagonal),
-``product`` (Kronecker), ``marginal`` (a factor of a solved product), ``keep`` (nothing computes a map: order
+``product`` (Kronecker), ``marginal`` (a factor of a solved product), ``block`` (a part of a sum that is such a
+factor), ``keep`` (nothing computes a map: order
 kept). Edge kinds: ``rows`` (the source aligns the input side of a producer's rows), ``input``, ``part``,
 ``carrier``, ``factor``. The graph is a DAG: a producer whose rows depend on the class it produces (a stream
 that feeds itself) is left out of that class's cost, and any other cycle is an error naming its ops.
@@ -54,6 +55,10 @@ def _node(s: PairStructure, root: int, owners: dict[int, int], reads_rows: bool)
         return "fixed", [], {}
     structure = s.structure(root)
     if structure and structure[0] == "sum":
+        if s.carriers.get(root) and any(_unplanned(s, owners, c) for c in structure[1]):
+            # a head dim of fused q | k | v parts that nothing else gives a plan (cross-head matching):
+            # the marginal of the solved product, cut into blocks for its parts
+            return "marginal", [(s.carriers[root][0], "carrier", None)], {}
         return "sum", [(s.root(c), "part", None) for c in structure[1]], {}
     if s.producers.get(root):
         deps = []
@@ -79,9 +84,29 @@ def _node(s: PairStructure, root: int, owners: dict[int, int], reads_rows: bool)
         return "factor", [(owners[root], "carrier", None)], {}
     if s.carriers.get(root):
         return "marginal", [(s.carriers[root][0], "carrier", None)], {}
+    whole = _planned_sum(s, owners, root)
+    if whole is not None:
+        return "block", [(whole, "carrier", None)], {}
     if n_a != n_b:
         raise FusionError(f"cannot align {s.describe(root)}: nothing produces it and widths differ ({n_b} vs {n_a})")
     return "keep", [], {}
+
+
+def _unplanned(s: PairStructure, owners: dict[int, int], sid: int) -> bool:
+    """Whether nothing but the sum it is a part of can give this class a plan."""
+    root = s.root(sid)
+    return not (s.is_fixed(root) or s.structure(root) or s.producers.get(root) or root in s.combines
+                or root in owners or s.carriers.get(root))
+
+
+def _planned_sum(s: PairStructure, owners: dict[int, int], root: int) -> int | None:
+    """A sum that ``root`` is a part of and whose plan is a solved product's marginal (see ``_node``)."""
+    for whole, (kind, children) in s.part.structure.items():
+        parts = [s.root(c) for c in children]
+        if kind == "sum" and root in parts and s.carriers.get(s.root(whole)) and any(
+                _unplanned(s, owners, c) for c in parts):
+            return s.root(whole)
+    return None
 
 
 def _head_owners(s: PairStructure) -> dict[int, int]:

@@ -352,6 +352,19 @@ def _marginal(maps: TransportMaps, root: int, data: dict) -> torch.Tensor:
     return factor_marginal(maps.plan(carrier).reshape(*sizes_b, *sizes_a), factors.index(root), len(factors))
 
 
+def _block(maps: TransportMaps, root: int, data: dict) -> torch.Tensor:
+    """The map of a part of a sum, as its diagonal block of the sum's map (the sum a solved product's factor)."""
+    whole = next(iter(maps.graph.predecessors(root)))
+    off_a = off_b = 0
+    for child in maps.structure.structure(whole)[1]:
+        n_a, n_b = maps.width(child)
+        if maps.root(child) == root:
+            block = maps.plan(whole)[off_b:off_b + n_b, off_a:off_a + n_a]
+            return block / block.sum().clamp_min(1e-300)
+        off_a, off_b = off_a + n_a, off_b + n_b
+    raise FusionError(f"internal: {maps.describe(root)} is not a part of {maps.describe(whole)}")
+
+
 def _combine(maps: TransportMaps, root: int, data: dict) -> torch.Tensor:
     record = data["record"]
     policy = maps.config.residual if record.kind == "residual" else "mean"
@@ -360,5 +373,5 @@ def _combine(maps: TransportMaps, root: int, data: dict) -> torch.Tensor:
 
 EVALUATORS: dict[str, Callable[[TransportMaps, int, dict], torch.Tensor | dict[int, torch.Tensor]]] = {
     "fixed": _identity, "keep": _keep, "sum": _sum, "product": _product, "solve": _solve, "heads": _heads,
-    "factor": _factor, "marginal": _marginal, "combine": _combine,
+    "factor": _factor, "marginal": _marginal, "block": _block, "combine": _combine,
 }

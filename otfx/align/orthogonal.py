@@ -30,7 +30,8 @@ _VIEWS = frozenset({
     aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.permute, aten.transpose, aten.t,
     aten.unsqueeze, aten.squeeze, aten.expand, aten.clone, aten.contiguous, aten.alias, aten.detach, aten.to,
     aten._to_copy, aten.type_as, aten.dropout, aten.select, aten.slice, aten.index, aten.index_select, aten.cat,
-    aten.stack, aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.narrow, aten.lift_fresh_copy,
+    aten.stack, aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split, aten.unbind, aten.narrow,
+    aten.lift_fresh_copy,
     aten.repeat, aten.roll, aten.flip,
 })
 #: ops that contract a tensor's last axis with a parameter (a layer's input side)
