@@ -2,13 +2,13 @@
 
 ``otfx.fuse(*models, data=calibration)`` fuses a few candidate configurations and keeps the one whose outputs on
 the calibration inputs agree best with the parents' mean prediction (``otfx.select``; KL of the parents' mean
-softmax to the fused model's, no labels). Here every configuration of a 16-point grid (cost weights/activations x
-residual mean/orthogonal x Sinkhorn reg 0.03/0.1/0.25/0.5, REPAIR on) is fused on each setting: digits and
-Fashion-MNIST ViT parents (examples/08's, cached) with 2 and 4 models in both anchor orders, and examples/05's
-BERT masked-LM pair. For each, the score is set against the validation metric (Spearman's rank correlation), and
-the configuration the score picks among otfx's candidates is compared with the fixed default (``select="off"``)
-and with the best configuration on validation (which needs labels). The test split decides nothing. Writes
-docs/results/09_selection/{README.md,results.json}.
+softmax to the fused model's, no labels). Here every configuration of a 20-point grid (cost weights/activations x
+Sinkhorn reg 0.03/0.1/0.25/0.5 or EMD x least-squares refit off/on; residual orthogonal, REPAIR on) is fused
+on each setting: digits and Fashion-MNIST ViT parents (examples/08's, cached) with 2 and 4 models in both anchor
+orders, and examples/05's BERT masked-LM pair. For each, the score is set against the validation metric
+(Spearman's rank correlation), and the configuration the score picks among otfx's candidates is compared with the
+fixed default (``select="off"``) and with the best configuration on validation (which needs labels). The test split
+decides nothing. Writes docs/results/09_selection/{README.md,results.json}.
 """
 
 from __future__ import annotations
@@ -29,19 +29,31 @@ from common import runner as R  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 import otfx  # noqa: E402
-from otfx.select import CANDIDATES, Agreement  # noqa: E402
+from otfx.align.config import FusionConfig  # noqa: E402
+from otfx.select import CANDIDATES, EMD, Agreement  # noqa: E402
 
 NAME = "09_selection"
 TITLE = "Label-free choice of fusion options"
 SAMPLES = 256
 EXAMPLE_BATCH = 64
-GRID = [dict(zip(("cost", "residual", "reg", "refit"), c)) for c in itertools.product(
-    ("weights", "activations"), ("mean", "orthogonal"), (0.03, 0.1, 0.25, 0.5), (False, True))]
+SINKHORN = FusionConfig().solver
+#: Sinkhorn at four regs and EMD (no reg), on the rotated streams of the default; each with and without the refit
+GRID = [{"cost": cost, "residual": "orthogonal", "solver": solver, "reg": reg, "refit": refit}
+        for cost, (solver, reg), refit in itertools.product(
+            ("weights", "activations"), [*((SINKHORN, r) for r in (0.03, 0.1, 0.25, 0.5)), (EMD, None)],
+            (False, True))]
 
 
 def is_candidate(options: dict) -> bool:
-    """Whether ``fuse``'s selection tries this configuration (every open axis at one of its candidates)."""
-    return all(options[k] in CANDIDATES[k] for k in ("cost", "reg", "residual", "refit"))
+    """Whether ``fuse``'s selection tries this configuration (every open axis at one of its candidates; EMD has
+    no reg)."""
+    return all(options[k] in CANDIDATES[k] for k in ("cost", "residual", "refit")) and (
+        options["solver"] == EMD or options["reg"] in CANDIDATES["reg"])
+
+
+def describe(options: dict) -> str:
+    solver = "EMD" if options["solver"] == EMD else f"reg {options['reg']}"
+    return f"{options['cost']}, {solver}, refit {'on' if options['refit'] else 'off'}"
 
 
 def setting(traced: Sequence, data, val: Callable, test: Callable, higher: bool) -> dict:
@@ -64,9 +76,9 @@ def setting(traced: Sequence, data, val: Callable, test: Callable, higher: bool)
     rho = spearmanr([r["score"] for r in rows], [r["val"] for r in rows]).statistic
     out = {"rows": rows, "spearman_score_val": float(rho),
            "default": {"val": val(default), "test": test(default), "config": {
-               k: default.otfx_report["config"][k] for k in ("cost", "residual", "reg")}},
+               k: default.otfx_report["config"][k] for k in ("cost", "residual", "solver", "reg", "refit")}},
            "picked": picked, "picked_from_grid": picked_all, "best_on_val": best_val}
-    print(f"  spearman {rho:+.2f}; picked {picked['cost']}/{picked['residual']}/{picked['reg']} val "
+    print(f"  spearman {rho:+.2f}; picked {describe(picked)} val "
           f"{picked['val']:.4f} test {picked['test']:.4f}; default val {out['default']['val']:.4f} test "
           f"{out['default']['test']:.4f}; best on val {best_val['val']:.4f} test {best_val['test']:.4f}", flush=True)
     return out
@@ -99,10 +111,12 @@ def bert_entry() -> dict:
 
 
 def page(results: dict) -> str:
-    lines = [f"Grid: {len(GRID)} configurations (cost x residual x reg, REPAIR on), {SAMPLES} unlabelled training "
+    lines = [f"Grid: {len(GRID)} configurations (cost x (Sinkhorn reg 0.03, 0.1, 0.25, 0.5 or EMD) x refit off/on; "
+             f"residual orthogonal, REPAIR on), {SAMPLES} unlabelled training "
              "images (64 training blocks for BERT) as calibration data for the costs, REPAIR and the score. "
              "*Picked*: the lowest score among otfx's candidates "
-             f"({', '.join(f'{k} {v}' for k, v in CANDIDATES.items())}), what `otfx.fuse(data=...)` returns. "
+             f"({', '.join(f'{k} {v}' for k, v in CANDIDATES.items())}, and EMD beside Sinkhorn), what "
+             "`otfx.fuse(data=...)` returns. "
              "*Default*: `select='off'` (the fixed defaults). *Best on val*: the grid's best validation metric, "
              "which a user without labels cannot find. Cells: test (validation); accuracy % for images, MLM loss "
              "for BERT. Spearman: rank correlation of the score with the validation metric over the grid (negative "
@@ -119,7 +133,7 @@ def page(results: dict) -> str:
 
             p = s["picked"]
             body.append([f"{ds} {order}", f"{s['spearman_score_val']:+.2f}", cell(p),
-                         f"{p['cost']}, {p['residual']}, {p['reg']}", cell(s["default"]), cell(s["best_on_val"]),
+                         describe(p), cell(s["default"]), cell(s["best_on_val"]),
                          cell(s["picked_from_grid"])])
             if ds != "bert":
                 gains.append((p["val"] - s["default"]["val"], p["test"] - s["default"]["test"]))
