@@ -303,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=int, default=90, help="seconds per architecture")
     parser.add_argument("--rerun", help="a JSON file of an earlier sweep: rerun its rows that traced (or timed "
                         "out) but did not pass, keep the others")
+    parser.add_argument("--all-traced", action="store_true", help="with --rerun: rerun every row that traced, "
+                        "passing or not (after a change to the passes), and keep only the build and trace failures")
     parser.add_argument("--out", default="docs/zoo.md")
     parser.add_argument("--json", default="benchmarks/results/zoo_sweep.json")
     parser.add_argument("--max-gb", type=float, default=12.0, help="address-space limit of the sweep (GiB): an "
@@ -329,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     earlier = {r["arch"]: Row(**r) for r in json.loads(Path(opts.rerun).read_text())} if opts.rerun else {}
     rows = []
     for i, (arch, build) in enumerate(jobs.items()):
-        if arch in earlier and (_passed(earlier[arch]) or _settled(earlier[arch])):
+        if arch in earlier and (_settled(earlier[arch]) or (_passed(earlier[arch]) and not opts.all_traced)):
             rows.append(earlier[arch])
             continue
         if imported.get(arch):

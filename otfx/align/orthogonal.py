@@ -10,6 +10,7 @@ by op on the traced graph and names what stands in the way; such a stream keeps 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -37,10 +38,25 @@ _VIEWS = frozenset({
 #: ops that contract a tensor's last axis with a parameter (a layer's input side)
 _CONTRACTIONS = frozenset({aten.linear, aten.addmm, aten.mm, aten.matmul, aten.bmm, aten.baddbmm, aten.einsum,
                            aten.conv1d, aten.conv2d, aten.convolution, aten.tensordot})
+#: ops that cut a tensor into parts along one axis (``_Walk.cut_param``)
+_CUTS = frozenset({aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split, aten.slice, aten.narrow,
+                   aten.unsafe_split, aten.unsafe_split_with_sizes})
 _LINEAR_MIX = frozenset({aten.add, aten.sub, aten.add_, aten.sub_, aten.neg})
 _SCALE = frozenset({aten.mul, aten.div, aten.mul_, aten.div_})
 _REDUCE = frozenset({aten.mean, aten.sum, aten.var, aten.std, aten.var_mean})  # linear or rotation-invariant
 _SQUARE = frozenset({aten.pow, aten.square})
+
+
+def _shape(node) -> tuple[int, ...] | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _cut_dim(node: fx.Node) -> int:
+    """The axis a split, chunk, slice or narrow cuts (non-negative)."""
+    position = 1 if _packet(node) in (aten.slice, aten.narrow) else 2
+    dim = node.args[position] if len(node.args) > position else node.kwargs.get("dim", 0)
+    return dim % len(_shape(node.args[0]) or (0,)) if isinstance(dim, int) else -1
 
 
 def _packet(node) -> object:
@@ -99,6 +115,19 @@ class _Walk:
             node = next((a for a in node.args if isinstance(a, fx.Node)), None)
         return None
 
+    def cut_param(self, node: fx.Node) -> str | None:
+        """The parameter a node is a part of, cut by a split or slice along an axis other than the class's (the
+        query rows of a packed in-projection read the stream whole), if it is one."""
+        source = node.args[0] if node.target is operator.getitem and node.args else node
+        if not isinstance(source, fx.Node) or _packet(source) not in _CUTS or not source.args:
+            return None
+        whole = source.args[0]
+        have, full = _shape(node), _shape(whole)
+        if have is None or full is None or len(have) != len(full):
+            return None
+        cut = [i for i, (a, b) in enumerate(zip(have, full)) if a != b]
+        return self.param(whole) if len(cut) == 1 and cut[0] not in self.axes(whole) else None
+
     def check(self) -> str | None:
         """None if every op on the class commutes with a rotation once the gains are folded, else why not."""
         carriers = [self.nodes[name] for name in self.inf.node_axes
@@ -119,6 +148,8 @@ class _Walk:
             return None  # a shape check or query: no value flows on
         if user.op == "output":
             return "the stream is the model's output"
+        if op in _CUTS and self.param(node) is not None and _cut_dim(user) not in mine:
+            return None  # a parameter cut into parts along another axis: the parts are checked where they are read
         if op in _VIEWS or op in _LINEAR_MIX:
             return None if self.axes(user) else f"{user.name} splits or reshapes the stream's feature axis"
         if op in (aten.layer_norm, aten.rms_norm):
@@ -126,7 +157,7 @@ class _Walk:
                 return None
             self.norms_seen.add(user.name)
             return self.norm(user)
-        fqn = self.param(node)
+        fqn = self.param(node) or self.cut_param(node)
         if fqn is not None and op in _CONTRACTIONS | {aten.embedding}:
             return None  # a parameter's rows (a producer) or columns (a consumer) in the class
         if fqn is not None and op in _SCALE:
@@ -152,7 +183,7 @@ class _Walk:
     def contracted(self, user: fx.Node, node: fx.Node) -> bool:
         """Whether ``user`` contracts ``node``'s features with a parameter axis of the class (a consumer)."""
         for arg in user.args:
-            fqn = self.param(arg) if isinstance(arg, fx.Node) and arg is not node else None
+            fqn = self.param(arg) or self.cut_param(arg) if isinstance(arg, fx.Node) and arg is not node else None
             if fqn and any((fqn, a) in self.inf.consumed and self.structure.root(s) == self.root
                            for a, s in enumerate(self.inf.param_axes.get(fqn, []))):
                 return True
@@ -270,7 +301,7 @@ class _Walk:
 
     def consumer_axes(self, user: fx.Node, current: fx.Node) -> Iterator[tuple[str, int]]:
         for arg in user.args:
-            fqn = self.param(arg) if isinstance(arg, fx.Node) and arg is not current else None
+            fqn = self.param(arg) or self.cut_param(arg) if isinstance(arg, fx.Node) and arg is not current else None
             for a, s in enumerate(self.inf.param_axes.get(fqn, []) if fqn else []):
                 if (fqn, a) in self.inf.consumed and self.structure.root(s) == self.root:
                     yield fqn, a

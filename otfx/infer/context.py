@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -12,6 +13,11 @@ from otfx.infer.kinds import LinkKind, RecordKind
 from otfx.infer.spaces import Spaces
 
 Axes = list[int]
+aten = torch.ops.aten
+#: ops that cut a tensor along one axis into parts (``cut_from``)
+_CUTS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.tensor_split.sections,
+         aten.tensor_split.indices, aten.slice.Tensor, aten.narrow.default, aten.unsafe_split.Tensor,
+         aten.unsafe_split_with_sizes.default}
 
 
 @dataclass
@@ -146,11 +152,38 @@ class InferContext:
         self.param_view[node] = (view[0], [where.get(sid) for sid in out_axes])
 
     def produce(self, space: int, weight: fx.Node, axis: int, node: fx.Node) -> None:
-        """Record that ``space`` is created by the rows of ``weight`` along ``axis`` (a layer's output)."""
+        """Record that ``space`` is created by the rows of ``weight`` along ``axis`` (a layer's output). A weight
+        cut from a parameter along ``axis`` (``nn.MultiheadAttention``'s packed in-projection split into the
+        query and key | value rows) makes the parameter's whole axis produced: its structure is the sum of the
+        parts, so each part gets its slice of the rows."""
         view = self.param_view.get(weight)
+        if view is None and (whole := self.cut_from(weight, axis)) is not None:
+            source = whole
+            view, space = self.param_view[source], self.axes_of(source)[axis]
         if view is not None and view[1][axis] is not None:
-            self.producers.append(Producer(space, view[0], view[1][axis], node.name))
+            producer = Producer(space, view[0], view[1][axis], node.name)
+            if all(p[:3] != producer[:3] for p in self.producers):
+                self.producers.append(producer)
         self.records.append(Record(RecordKind.layer, node.name, [], space, {"weight": view[0] if view else None}))
+
+    def cut_from(self, node: fx.Node, axis: int | None = None) -> fx.Node | None:
+        """The parameter-derived tensor that ``node`` is a part of, cut along one axis by a split or slice
+        (along ``axis``, if given) with every other axis whole; None where ``node`` is not such a part."""
+        source = node
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+            source = node.args[0]
+        if source.target not in _CUTS or not isinstance(source.args[0], fx.Node):
+            return None
+        whole = source.args[0]
+        if whole not in self.param_view:
+            return None
+        have, full = self.shape(node), self.shape(whole)
+        if have is None or full is None or len(have) != len(full):
+            return None
+        cut = [i for i, (a, b) in enumerate(zip(have, full)) if a != b]
+        if len(cut) != 1 or (axis is not None and cut[0] != axis):
+            return None
+        return whole
 
     def write(self, space: int, param: fx.Node, axis: int, node: fx.Node) -> None:
         """Record that a parameter is added into ``space`` as it is (a class token or position table): its
@@ -160,8 +193,12 @@ class InferContext:
             self.producers.append(Producer(space, view[0], view[1][axis], node.name, written=True))
 
     def consume(self, weight: fx.Node, axis: int) -> None:
-        """Record that ``weight``'s ``axis`` is contracted with an input activation."""
+        """Record that ``weight``'s ``axis`` is contracted with an input activation (also through a part of a
+        parameter cut along another axis)."""
         view = self.param_view.get(weight)
+        if view is None and (whole := self.cut_from(weight)) is not None and self.shape(weight)[axis] == \
+                self.shape(whole)[axis]:
+            weight, view = whole, self.param_view[whole]
         if view is not None and view[1][axis] is not None and not self._is_secondary(weight):
             self.consumed.add((view[0], view[1][axis]))
 
