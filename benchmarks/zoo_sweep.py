@@ -46,6 +46,15 @@ TINY = {
     "patch_size": 8, "num_labels": 3, "type_vocab_size": 2, "pad_token_id": 0, "bos_token_id": 1,
     "eos_token_id": 2, "sep_token_id": 2, "cls_token_id": 1, "num_channels": 3, "max_window_layers": 2,
 }
+#: why a row still fails, where the cause was traced to the model's own code (shown under its reason)
+WHY = {
+    "mra": "without its CUDA kernel, transformers' MRA attention returns `torch.zeros_like(query)` "
+           "(`mra2_attention`), so the attention output projection reads zeros: nothing ties its input order to "
+           "the heads, and no weight or activation can recover it (the model's function does not depend on it)",
+    "hrm_text": "HRM runs the same H and L layers several times in one forward (`H_cycles` x `L_cycles`), so each "
+                "layer reads a stream that it also writes: no producer's input side can be aligned before its "
+                "output, the cycle that `FusionError` names",
+}
 MAX_PARAMS = 1_500_000  # a config that stays larger than this could not be shrunk generically
 HEADS = ["MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
          "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"]
@@ -291,6 +300,8 @@ def markdown(rows: list[Row], command: str) -> str:
             v = r.stages.get(s)
             if v and v != "ok" and not v.startswith("skip: not run"):
                 lines.append(f"* **{r.arch}** {s}: {v[6:] if v.startswith('fail: ') else v}")
+                if v.startswith("fail") and r.arch in WHY:
+                    lines.append(f"  Why: {WHY[r.arch]}.")
     return "\n".join(lines) + "\n"
 
 

@@ -14,10 +14,12 @@ from otfx.infer.spaces import Spaces
 
 Axes = list[int]
 aten = torch.ops.aten
-#: ops that cut a tensor along one axis into parts (``cut_from``)
+#: ops that cut a tensor along one axis into parts (``part_of``)
 _CUTS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.tensor_split.sections,
          aten.tensor_split.indices, aten.slice.Tensor, aten.narrow.default, aten.unsafe_split.Tensor,
          aten.unsafe_split_with_sizes.default}
+#: ops that take one index of an axis (``part_of``: one expert's weight from stacked experts)
+_SELECTS = {aten.select.int}
 
 
 @dataclass
@@ -152,38 +154,43 @@ class InferContext:
         self.param_view[node] = (view[0], [where.get(sid) for sid in out_axes])
 
     def produce(self, space: int, weight: fx.Node, axis: int, node: fx.Node) -> None:
-        """Record that ``space`` is created by the rows of ``weight`` along ``axis`` (a layer's output). A weight
-        cut from a parameter along ``axis`` (``nn.MultiheadAttention``'s packed in-projection split into the
-        query and key | value rows) makes the parameter's whole axis produced: its structure is the sum of the
-        parts, so each part gets its slice of the rows."""
+        """Record that ``space`` is created by the rows of ``weight`` along ``axis`` (a layer's output). Through
+        a part of a parameter (``part_of``), the rows are the parameter's: one expert's weight selected from a
+        stacked expert tensor has the rows of every expert, and a weight cut along ``axis``
+        (``nn.MultiheadAttention``'s packed in-projection split into the query and key | value rows) makes the
+        parameter's whole axis produced: its structure is the sum of the parts, so each part gets its rows."""
         view = self.param_view.get(weight)
-        if view is None and (whole := self.cut_from(weight, axis)) is not None:
-            source = whole
-            view, space = self.param_view[source], self.axes_of(source)[axis]
+        if view is None and (part := self.part_of(weight)) is not None:
+            source, where, cut = part
+            view, axis = self.param_view[source], where[axis]
+            if axis == cut:
+                space = self.axes_of(source)[axis]
         if view is not None and view[1][axis] is not None:
             producer = Producer(space, view[0], view[1][axis], node.name)
             if all(p[:3] != producer[:3] for p in self.producers):
                 self.producers.append(producer)
         self.records.append(Record(RecordKind.layer, node.name, [], space, {"weight": view[0] if view else None}))
 
-    def cut_from(self, node: fx.Node, axis: int | None = None) -> fx.Node | None:
-        """The parameter-derived tensor that ``node`` is a part of, cut along one axis by a split or slice
-        (along ``axis``, if given) with every other axis whole; None where ``node`` is not such a part."""
-        source = node
-        if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-            source = node.args[0]
-        if source.target not in _CUTS or not isinstance(source.args[0], fx.Node):
+    def part_of(self, node: fx.Node) -> tuple[fx.Node, list[int], int] | None:
+        """(the parameter-derived tensor ``node`` is a part of, the source axis of each of ``node``'s axes, the
+        source axis that was cut or selected away) where ``node`` is one index of a parameter's axis (``select``)
+        or a part of it cut by a split or slice with every other axis whole; None otherwise."""
+        source = node.args[0] if node.target is operator.getitem and node.args else node
+        if not isinstance(source, fx.Node) or source.target not in _CUTS | _SELECTS or not source.args:
             return None
         whole = source.args[0]
-        if whole not in self.param_view:
-            return None
         have, full = self.shape(node), self.shape(whole)
-        if have is None or full is None or len(have) != len(full):
+        if whole not in self.param_view or have is None or full is None:
             return None
+        if source.target in _SELECTS:
+            dim = source.args[1] % len(full) if isinstance(source.args[1], int) and full else -1
+            if len(have) + 1 != len(full) or dim < 0:
+                return None
+            return whole, [j + (j >= dim) for j in range(len(have))], dim
         cut = [i for i, (a, b) in enumerate(zip(have, full)) if a != b]
-        if len(cut) != 1 or (axis is not None and cut[0] != axis):
+        if len(have) != len(full) or len(cut) != 1:
             return None
-        return whole
+        return whole, list(range(len(have))), cut[0]
 
     def write(self, space: int, param: fx.Node, axis: int, node: fx.Node) -> None:
         """Record that a parameter is added into ``space`` as it is (a class token or position table): its
@@ -194,11 +201,10 @@ class InferContext:
 
     def consume(self, weight: fx.Node, axis: int) -> None:
         """Record that ``weight``'s ``axis`` is contracted with an input activation (also through a part of a
-        parameter cut along another axis)."""
+        parameter cut along another axis or selected from stacked ones)."""
         view = self.param_view.get(weight)
-        if view is None and (whole := self.cut_from(weight)) is not None and self.shape(weight)[axis] == \
-                self.shape(whole)[axis]:
-            weight, view = whole, self.param_view[whole]
+        if view is None and (part := self.part_of(weight)) is not None and part[1][axis] != part[2]:
+            weight, view, axis = part[0], self.param_view[part[0]], part[1][axis]
         if view is not None and view[1][axis] is not None and not self._is_secondary(weight):
             self.consumed.add((view[0], view[1][axis]))
 

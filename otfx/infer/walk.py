@@ -89,7 +89,12 @@ def _tie(ctx: InferContext, traced: Traced) -> None:
 
 def _separate_reuse(ctx: InferContext, node: fx.Node) -> dict[fx.Node, list[int]]:
     """A parameter read by several ops (an embedding matrix reused as the output projection) gets its own
-    axes at each later use, tied to the first use, so that one use's map does not feed on the other's."""
+    axes at each later use, tied to the first use, so that one use's map does not feed on the other's. Taking
+    one index of it (``select``: one expert's weight from stacked experts, a different one at each use) is not a
+    reuse: every expert's layer shares the parameter's spaces, so their outputs are one class where they are
+    concatenated again."""
+    if node.target is torch.ops.aten.select.int:
+        return {}
     swapped = {}
     for a in _tensor_args(node):
         if a.op != "placeholder" or a not in ctx.param_view or a in swapped:
