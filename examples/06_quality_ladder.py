@@ -150,6 +150,17 @@ class Pair:
         out["seconds"] = time.perf_counter() - t0
         return out
 
+    def default(self) -> dict:
+        """``otfx.fuse(*parents, data=...)`` with every other option at its default: the label-free selection
+        chooses cost, solver/reg, residual policy and refit (nothing is chosen on validation here)."""
+        t0 = time.perf_counter()
+        model = otfx.fuse(*self.traced, data=self.data).eval()
+        config = model.otfx_report["config"]
+        solver = "emd" if config["solver"] == "emd" else config["reg"]
+        picked = f"{config['cost']}, {config['residual']}, refit {'on' if config['refit'] else 'off'}"
+        return {"reg": solver, "val": self.val(model), **self.scores(model), "picked": picked,
+                "seconds": time.perf_counter() - t0}
+
     def anchor_free(self, with_repair: bool) -> dict:
         t0 = time.perf_counter()
         model = anchor_free_fuse(*self.traced).eval()
@@ -174,6 +185,8 @@ def predictions(model, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
 
 RUNGS = ("paper: weights", "paper: activations", "+ fixed activations", "+ repair", "+ anchor-free",
          "+ orthogonal residual", "+ refit")
+#: the user's call: every option at its default, choices made by the label-free selection (no labels)
+DEFAULT = "otfx.fuse(data=...), defaults"
 ORTHO_A = ({"cost": "activations", "residual": "orthogonal"}, {})
 ORTHO_W = ({"cost": "weights", "residual": "orthogonal"}, {})
 
@@ -187,7 +200,8 @@ def ladder(pair: Pair, short: bool = False) -> dict:
                "+ anchor-free": pair.anchor_free(True), "+ orthogonal residual": ortho_a["repair"],
                "+ refit": ortho_a["refit"], "weights + repair": weights["repair"],
                "weights + repair + refit": weights["refit"], "orthogonal activations, no repair": ortho_a["plain"],
-               "weights, orthogonal (the default without data)": ortho_w["plain"]}
+               "weights, orthogonal (the default without data)": ortho_w["plain"],
+               DEFAULT: pair.default()}
         for k, v in out.items():
             print(f"  {k}: val {100 * v['val']:.2f} test {100 * v['test']:.2f} (reg {v['reg']})", flush=True)
         return out
@@ -212,6 +226,7 @@ def ladder(pair: Pair, short: bool = False) -> dict:
         "orthogonal activations, no repair": ortho_a["plain"],
         "weights, orthogonal (the default without data)": ortho_w["plain"],
         "weights, orthogonal + repair": ortho_w["repair"],
+        DEFAULT: pair.default(),
     }
     for k, v in out.items():
         print(f"  {k}: val {100 * v['val']:.2f} test {100 * v['test']:.2f} (reg {v['reg']}); agreement "
@@ -552,7 +567,7 @@ def page(results: dict, seeds: list[int]) -> str:
     rows = []
     first = results[datasets[0]][orders[0]]
     rungs = [r for r in RUNGS if r in first]
-    controls = [r for r in ("weights + repair", "weights + repair + refit", "paper weights, no repair + refit",
+    controls = [r for r in (DEFAULT, "weights + repair", "weights + repair + refit", "paper weights, no repair + refit",
                             "paper activations + repair", "anchor-free, no repair",
                             "uniform plans", "uniform plans + repair", "orthogonal activations, no repair",
                             "weights, orthogonal (the default without data)", "weights, orthogonal + repair")
@@ -599,7 +614,9 @@ the residual stream, Procrustes on the stream after every residual add, norm gai
 keep their transport plans) then REPAIR; **weights + repair**, **paper activations + repair**, **anchor-free,
 no repair**, the uniform plans and the orthogonal rows without repair or with the weights cost (`fuse(a, b)`
 without data is that row's method) are controls. Every row chooses EMD or a Sinkhorn reg on validation;
-REPAIR rows choose it *with* REPAIR applied.
+REPAIR rows choose it *with* REPAIR applied. **otfx.fuse(data=...), defaults** is the call a user makes: nothing
+is chosen on validation; its label-free selection (agreement with the parents' mean on the same unlabelled
+images) picks cost, solver, residual policy and refit, and the bracket names its solver or reg.
 """)
 
     parts.append(findings(results, datasets, orders))
@@ -683,6 +700,15 @@ def findings(results: dict, datasets: list[str], orders: list[str]) -> str:
             if rung in first and base in first:
                 gaps = [t(ds, o, rung) - t(ds, o, base) for o in orders]
                 lines.append(f"- {ds}: `{rung}` minus `{base}`: " + ", ".join(f"{g:+.2f}" for g in gaps) + " points.")
+        if DEFAULT in first:
+            values = [t(ds, o, DEFAULT) for o in orders]
+            n_models = len(results[ds]["parents_test"])
+            target = 85 if n_models == 2 else 70
+            keeps = [v / mean_parent * 100 for v in values]
+            met = "meets" if min(keeps) >= target else "misses"
+            lines.append(f"- {ds}: `{DEFAULT}` keeps " + ", ".join(f"{k:.0f}%" for k in keeps)
+                         + f" of the mean parent ({met} the {target}% asked for {n_models} models); picked: "
+                         + "; ".join(results[ds][o][DEFAULT]["picked"] for o in orders) + ".")
         for rung in ("paper: weights", "+ repair", "weights + repair", "+ anchor-free"):
             if rung in first:
                 values = [t(ds, o, rung) for o in orders]

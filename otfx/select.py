@@ -22,6 +22,7 @@ from torch import nn
 from otfx.align.activations import batches_like
 from otfx.align.config import SELECT, FusionConfig, FusionError
 from otfx.align.orthogonal import StreamFallbackWarning
+from otfx.align.repair import shared_targets
 from otfx.trace import Traced, eval_mode
 
 SCORES = tuple(s for s in SELECT if s != "off")
@@ -152,8 +153,9 @@ def select_and_fuse(traced: Sequence[Traced], data, given: FusionConfig, fuse: C
             last["unrefitted"] = (key, model)
         return model
 
-    return sweep(*traced, data=data, evaluate=score, metric="kl" if score.kind == "kl" else "mse",
-                 higher_is_better=False, grid=candidate_grid(given), fuse=fixed_fuse, baselines=False, **fixed)
+    with shared_targets():  # every candidate is repaired towards the same parents' statistics: computed once
+        return sweep(*traced, data=data, evaluate=score, metric="kl" if score.kind == "kl" else "mse",
+                     higher_is_better=False, grid=candidate_grid(given), fuse=fixed_fuse, baselines=False, **fixed)
 
 
 def _refitted(model: nn.Module, models: Sequence[Traced], options: dict, targets: dict) -> nn.Module:

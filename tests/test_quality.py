@@ -69,6 +69,40 @@ def test_repair_of_a_fused_pair_moves_unit_statistics_to_the_targets():
     assert moved > 0
 
 
+def test_unit_moments_match_float64_over_batches_of_different_sizes():
+    from otfx.align.repair import _moments
+
+    gen = torch.Generator().manual_seed(3)
+    values = [torch.randn(n, 5, 7, generator=gen) * 3 + 10 for n in (4, 1, 6)]  # offset: a one-pass sum loses it
+    mean, std = _moments(values, axis=1)
+    rows = torch.cat([v.double().movedim(1, -1).reshape(-1, 5) for v in values])
+    torch.testing.assert_close(mean, rows.mean(0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(std, rows.std(0, correction=0), atol=1e-6, rtol=0)
+
+
+def test_shared_targets_compute_the_parents_statistics_once_and_repair_the_same(monkeypatch):
+    from otfx.align import repair as repair_module
+
+    a, args = zoo.build("hf_vit", seed=0)
+    b, _ = zoo.build("hf_vit", seed=1)
+    ta, tb = otfx.trace(a, args), otfx.trace(b, args)
+    data = batches("hf_vit", n=3)
+    fused = [otfx.fuse(ta, tb, reg=reg) for reg in (0.1, 0.5)]
+    alone = [repair(f, [ta, tb], data) for f in fused]
+    calls = []
+    original = repair_module._targets
+    monkeypatch.setattr(repair_module, "_targets", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with repair_module.shared_targets():
+        shared = [repair(f, [ta, tb], data) for f in fused]
+        repair(fused[0], [ta, tb], data, weights=[0.7, 0.3])  # other weights: other targets
+    assert len(calls) == 2
+    repair(fused[0], [ta, tb], data)  # outside the block nothing is kept
+    assert len(calls) == 3
+    for x, y in zip(alone, shared):
+        for (k, p), q in zip(x.named_parameters(), y.parameters()):
+            torch.testing.assert_close(p, q, atol=0, rtol=0, msg=k)
+
+
 def test_anchor_free_fusion_of_a_model_and_its_symmetry_is_the_model():
     model, args = zoo.build("hf_vit")
     traced = otfx.trace(model, args)

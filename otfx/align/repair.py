@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -102,12 +104,16 @@ def _execute(traced: Traced, model: nn.Module, data, units: Sequence[Unit],
 
 def _moments(values: list[torch.Tensor], axis: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-unit mean and std (float64) over every axis but ``axis``, over all batches: each batch's moments in
-    its own dtype (``var_mean``, one pass), combined in float64 (Chan et al.), with no float64 copy of the
-    activations (6x faster than the float64 ``std`` of all rows on the paper's ViT)."""
+    its own dtype (two passes: the mean, then the mean square of the centred rows), combined in float64 (Chan et
+    al.), with no float64 copy of the activations. ``torch.var_mean(rows, dim=0)`` gives the same moments but
+    reduces along the strided axis: 41 ms against 5 ms for 2048 x 1536 float32 rows on one CPU thread."""
     count, mean, m2 = 0, None, None
     for v in values:
         rows = v.movedim(axis, -1).reshape(-1, v.shape[axis])
-        var_b, mean_b = torch.var_mean(rows if rows.is_floating_point() else rows.double(), dim=0, correction=0)
+        rows = rows if rows.is_floating_point() else rows.double()
+        mean_b = rows.mean(dim=0)
+        centred = rows - mean_b
+        var_b = centred.mul_(centred).mean(dim=0)
         n_b, mean_b, m2_b = rows.shape[0], mean_b.double(), var_b.double() * rows.shape[0]
         if mean is None:
             count, mean, m2 = n_b, mean_b, m2_b
@@ -130,6 +136,43 @@ def _fold(params: dict[str, torch.Tensor], unit: Unit, scale: torch.Tensor, shif
         b.copy_(b.double() * scale + shift)
 
 
+#: the statistics targets of the parents, by what they depend on, while ``shared_targets`` is active
+_SHARED: ContextVar[dict | None] = ContextVar("otfx_repair_targets", default=None)
+
+
+@contextmanager
+def shared_targets():
+    """Within the block, ``repair`` computes the parents' statistics (the targets: each parent aligned to the
+    anchor, run over the data) once per parents, data and weights, and reuses them: the label-free selection
+    repairs every candidate against the same targets."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def _targets(anchor: Traced, parents: Sequence, data: list, w: Sequence[float], units: Sequence[Unit]
+             ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The weighted mean of the parents' per-unit (mean, std), each parent aligned to the anchor by
+    ``otfx.align`` (a function-preserving permutation)."""
+    from otfx.fuse import align
+
+    aligned = [anchor] + [align(p, to=anchor) for p in parents[1:]]
+    return _mean_statistics(anchor, aligned, data, w, units)
+
+
+def _mean_statistics(anchor: Traced, models: Sequence, data: list, w: Sequence[float], units: Sequence[Unit]
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for wk, model in zip(w, models):
+        stats = _execute(anchor, as_module(model), data, units)
+        for name, (mean, std) in stats.items():
+            m0, s0 = targets.get(name, (0.0, 0.0))
+            targets[name] = (m0 + wk * mean, s0 + wk * std)
+    return targets
+
+
 def repair(fused: nn.Module, parents: Sequence, data, weights: Sequence[float] | None = None, *,
            args: tuple | None = None, kwargs: dict | None = None, aligned: Sequence | None = None,
            eps: float = 1e-5) -> nn.Module:
@@ -142,28 +185,28 @@ def repair(fused: nn.Module, parents: Sequence, data, weights: Sequence[float] |
     statistics are the parent's own). Units are repaired in graph order, each after the ones before it. The
     inputs are not modified; ``result.otfx_repair`` lists the units and their statistics before and after.
     """
-    from otfx.fuse import align
+    from otfx.api import analyse
 
     if len(parents) < 1:
         raise FusionError("repair needs the parents (anchor first)")
     anchor = as_traced(parents[0], args, kwargs)
     data = list(data)
     w = _weights(weights, len(parents))
-    if aligned is None:
-        aligned = [anchor] + [align(p, to=anchor) for p in parents[1:]]
-    if len(aligned) != len(parents):
+    if aligned is not None and len(aligned) != len(parents):
         raise FusionError(f"aligned has {len(aligned)} models for {len(parents)} parents")
-    from otfx.api import analyse
-
     # the fused model and the aligned parents have the anchor's graph and shapes: run them all on its graph
     result = copy.deepcopy(as_module(fused))
     units = repair_units(analyse(anchor))
-    targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for wk, model in zip(w, aligned):
-        stats = _execute(anchor, as_module(model), data, units)
-        for name, (mean, std) in stats.items():
-            m0, s0 = targets.get(name, (0.0, 0.0))
-            targets[name] = (m0 + wk * mean, s0 + wk * std)
+    shared = _SHARED.get()
+    if aligned is not None:
+        targets = _mean_statistics(anchor, aligned, data, w, units)
+    elif shared is None:
+        targets = _targets(anchor, parents, data, w, units)
+    else:  # the parents, batches and arguments are alive while the block runs, so their ids name them
+        key = (tuple(id(as_module(p)) for p in parents), tuple(id(b) for b in data), tuple(w), id(anchor.graph))
+        if key not in shared:
+            shared[key] = _targets(anchor, parents, data, w, units)
+        targets = shared[key]
     before = _execute(anchor, result, data, units, targets, eps)
     result.otfx_repair = {"units": [u.node for u in units],
                           "std_before": {k: float(v[1].mean()) for k, v in before.items()},
