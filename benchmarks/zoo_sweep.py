@@ -54,6 +54,14 @@ WHY = {
     "hrm_text": "HRM runs the same H and L layers several times in one forward (`H_cycles` x `L_cycles`), so each "
                 "layer reads a stream that it also writes: no producer's input side can be aligned before its "
                 "output, the cycle that `FusionError` names",
+    "prophetnet": "its predict-stream relative positions (`get_predict_relative_pos_embeddings`) gather from rows "
+                  "ordered (batch, seq, ngram, heads) and view them as (batch, ngram, heads, seq): the view mixes "
+                  "the heads with the positions, so no permutation of the heads commutes with it and otfx keeps "
+                  "those heads fixed (a correct refusal: symmetry, recovery, align and fuse pass)",
+    "xlnet": "XLNet's q, k, v, o and r are [d_model, heads, head_dim] parameters read by einsum, so one parameter "
+             "produces the heads and the head dim as two axes, with no flattened heads x head_dim axis between "
+             "them: each class's rows span the other's axis (read from the inferred parameter axes), a loop no producer can break. A heads x head_dim "
+             "product made of two parameter axes is not yet a heads node of the map graph (not fixed)",
 }
 MAX_PARAMS = 1_500_000  # a config that stays larger than this could not be shrunk generically
 HEADS = ["MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
