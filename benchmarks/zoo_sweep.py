@@ -60,8 +60,9 @@ WHY = {
                   "those heads fixed (a correct refusal: symmetry, recovery, align and fuse pass)",
     "xlnet": "XLNet's q, k, v, o and r are [d_model, heads, head_dim] parameters read by einsum, so one parameter "
              "produces the heads and the head dim as two axes, with no flattened heads x head_dim axis between "
-             "them: each class's rows span the other's axis (read from the inferred parameter axes), a loop no producer can break. A heads x head_dim "
-             "product made of two parameter axes is not yet a heads node of the map graph (not fixed)",
+             "them: each class's rows span the other's axis (read from the inferred parameter axes), a loop no "
+             "producer can break. A heads x head_dim product made of two parameter axes is not yet a heads node of "
+             "the map graph (not fixed)",
 }
 MAX_PARAMS = 1_500_000  # a config that stays larger than this could not be shrunk generically
 HEADS = ["MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
