@@ -155,19 +155,7 @@ def select_and_fuse(traced: Sequence[Traced], data, given: FusionConfig, fuse: C
 
     with shared_targets():  # every candidate is repaired towards the same parents' statistics: computed once
         return sweep(*traced, data=data, evaluate=score, metric="kl" if score.kind == "kl" else "mse",
-                     higher_is_better=False, grid=candidate_grid(given), fuse=fixed_fuse, baselines=False,
-                     progress=_progress, **fixed)
-
-
-def _progress(rows: list):
-    """A progress bar on stderr while the candidates are fused (minutes on a real model): shown only on a
-    terminal and after a second, so scripts, logs and tests see nothing."""
-    import sys
-
-    from tqdm.auto import tqdm
-
-    return tqdm(rows, desc=f"otfx: choosing among {len(rows)} candidates", unit="candidate", disable=None,
-                delay=1.0, leave=False, file=sys.stderr)
+                     higher_is_better=False, grid=candidate_grid(given), fuse=fixed_fuse, baselines=False, **fixed)
 
 
 def _refitted(model: nn.Module, models: Sequence[Traced], options: dict, targets: dict) -> nn.Module:
