@@ -19,7 +19,8 @@ _CUTS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, a
          aten.tensor_split.indices, aten.slice.Tensor, aten.narrow.default, aten.unsafe_split.Tensor,
          aten.unsafe_split_with_sizes.default}
 #: ops that take one index of an axis (``part_of``: one expert's weight from stacked experts)
-_SELECTS = {aten.select.int}
+SELECTS = {aten.select.int}
+_PARTS = _CUTS | SELECTS
 
 
 @dataclass
@@ -176,13 +177,13 @@ class InferContext:
         source axis that was cut or selected away) where ``node`` is one index of a parameter's axis (``select``)
         or a part of it cut by a split or slice with every other axis whole; None otherwise."""
         source = node.args[0] if node.target is operator.getitem and node.args else node
-        if not isinstance(source, fx.Node) or source.target not in _CUTS | _SELECTS or not source.args:
+        if not isinstance(source, fx.Node) or source.target not in _PARTS or not source.args:
             return None
         whole = source.args[0]
         have, full = self.shape(node), self.shape(whole)
         if whole not in self.param_view or have is None or full is None:
             return None
-        if source.target in _SELECTS:
+        if source.target in SELECTS:
             dim = source.args[1] % len(full) if isinstance(source.args[1], int) and full else -1
             if len(have) + 1 != len(full) or dim < 0:
                 return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from otfx.infer.context import Conflict, InferContext, _tensor_args
+from otfx.infer.context import SELECTS, Conflict, InferContext, _tensor_args
 from otfx.infer.result import Inference
 from otfx.passes import REGISTRY, PassError, Registry, target_name
 from otfx.trace import Traced
@@ -93,7 +93,7 @@ def _separate_reuse(ctx: InferContext, node: fx.Node) -> dict[fx.Node, list[int]
     one index of it (``select``: one expert's weight from stacked experts, a different one at each use) is not a
     reuse: every expert's layer shares the parameter's spaces, so their outputs are one class where they are
     concatenated again."""
-    if node.target is torch.ops.aten.select.int:
+    if node.target in SELECTS:
         return {}
     swapped = {}
     for a in _tensor_args(node):
