@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import fields
 from pathlib import Path
 
@@ -200,9 +200,12 @@ def _fuse_options(args: argparse.Namespace, n: int) -> dict:
     return given
 
 
-def _call_fuse(fuse: Callable, traced: list, anchor: int, options: dict, data) -> torch.nn.Module:
-    """Call ``fuse`` with the anchor first (its weight moved with it)."""
+def _call_fuse(fuse: Callable, traced: list, anchor: int, options: dict, data,
+               progress: Callable[[list], Iterable] | None = None) -> torch.nn.Module:
+    """Call ``fuse`` with the anchor first (its weight moved with it); ``progress`` for the selection's bar."""
     options = dict(options)
+    if data is not None and progress is not None:  # only the selection (which needs data) reports progress
+        options["progress"] = progress
     if data is not None:
         options["data"] = data
     models = list(traced)
@@ -341,7 +344,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         return _dry_run(args, loaded, traced, anchor, _effective_options(options))
     console.say(f"fusing {n} x {type(loaded[anchor].model).__name__} (anchor {anchor}: {loaded[anchor].source})")
     with report.stage("fuse"):
-        fused = _fuse_quietly(lambda: _call_fuse(fuse, traced, anchor, options, data))
+        fused = _fuse_quietly(lambda: _call_fuse(fuse, traced, anchor, options, data, progress=lambda rows:
+                                                 console.progress(rows, "choosing a configuration")))
     check_finite_output(fused, example, name="the fused model", output=getattr(traced[anchor], "output", None))
     resolved = (getattr(fused, "otfx_report", None) or {}).get("config") or {}  # the choices fuse made (reg, ...)
     effective = {**_effective_options(options), **{k: v for k, v in resolved.items() if k in FUSE_OPTIONS}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -127,7 +128,8 @@ def compute_maps(anchor: Inference, other: Inference, config: FusionConfig, data
 
 
 def fuse(*models, args: tuple | None = None, kwargs: dict | None = None, data=None,
-         config: FusionConfig | None = None, **options) -> nn.Module:
+         config: FusionConfig | None = None, progress: Callable[[list], Iterable] | None = None,
+         **options) -> nn.Module:
     """Fuse two or more transformers of one architecture into one model of the anchor's (the first's) shapes.
 
     Every other model is aligned to the anchor with transport maps computed over the map graph, then the
@@ -136,6 +138,7 @@ def fuse(*models, args: tuple | None = None, kwargs: dict | None = None, data=No
     ``weights``, ``max_iter``, ``repair``, ``anchor_free``, ``select``), over ``config`` or the defaults. ``data``:
     batches of inputs for activation costs and repair; with it, the options left None are chosen among a few
     candidates by how well each fused model agrees with the parents on ``data`` (``select``, no labels).
+    ``progress``: wraps the selection's list of candidates as it is fused, e.g. ``tqdm.tqdm`` (None: silent).
     Returns a new module; the inputs are not modified.
     ``fused.otfx_report`` holds per-map statistics and stage timings.
     """
@@ -149,7 +152,7 @@ def fuse(*models, args: tuple | None = None, kwargs: dict | None = None, data=No
     _check_inputs(inferences)
     timings["trace_and_infer"] = time.perf_counter() - start
     if should_select(given, data is not None):
-        result = select_and_fuse([i.traced for i in inferences], data, given, fuse)
+        result = select_and_fuse([i.traced for i in inferences], data, given, fuse, progress)
         fused = result.best_model
         timings["total"] = time.perf_counter() - start
         fused.otfx_report = {**fused.otfx_report, "selection": result.to_dict(),

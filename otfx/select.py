@@ -13,7 +13,7 @@ the ViT settings: docs/results/09_selection.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.utils._pytree as pytree
@@ -130,9 +130,10 @@ def _batches(traced: Traced, data) -> list[tuple[tuple, int]]:
     return [(inputs, inputs[0].shape[0]) for inputs in chunks]
 
 
-def select_and_fuse(traced: Sequence[Traced], data, given: FusionConfig, fuse: Callable[..., nn.Module]):
+def select_and_fuse(traced: Sequence[Traced], data, given: FusionConfig, fuse: Callable[..., nn.Module],
+                    progress: Callable[[list], Iterable] | None = None):
     """Fuse each candidate of ``candidate_grid(given)`` and return the sweep over them, scored by agreement with
-    the parents (its ``best_model`` is the fused model)."""
+    the parents (its ``best_model`` is the fused model); ``progress`` wraps the candidates, as in ``sweep``."""
     from otfx.sweep import sweep
 
     n = len(traced)
@@ -155,7 +156,8 @@ def select_and_fuse(traced: Sequence[Traced], data, given: FusionConfig, fuse: C
 
     with shared_targets():  # every candidate is repaired towards the same parents' statistics: computed once
         return sweep(*traced, data=data, evaluate=score, metric="kl" if score.kind == "kl" else "mse",
-                     higher_is_better=False, grid=candidate_grid(given), fuse=fixed_fuse, baselines=False, **fixed)
+                     higher_is_better=False, grid=candidate_grid(given), fuse=fixed_fuse, baselines=False,
+                     progress=progress, **fixed)
 
 
 def _refitted(model: nn.Module, models: Sequence[Traced], options: dict, targets: dict) -> nn.Module:

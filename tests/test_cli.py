@@ -191,9 +191,9 @@ class StubFuse:
         self.calls: list[dict] = []
 
     def __call__(self, *models, cost="weights", solver="emd", reg=0.06, data=None, residual="mean",
-                 heads="aware", qk="untied", tokens="all", weights=None):
+                 heads="aware", qk="untied", tokens="all", weights=None, progress=None):
         self.calls.append({"models": [m.name for m in models], "cost": cost, "solver": solver, "reg": reg,
-                           "data": data, "weights": weights, "tokens": tokens})
+                           "data": data, "weights": weights, "tokens": tokens, "progress": progress})
         return average(*(m.model for m in models), weights=weights or [1.0 + 10 * reg] + [1.0] * (len(models) - 1))
 
 
@@ -223,6 +223,8 @@ def test_fuse_hf_folders_with_stub(tmp_path, capsys, models, monkeypatch):
     call = stub.calls[-1]
     assert call["models"][0].endswith("bert_b") and call["weights"] == [3.0, 1.0]  # the anchor goes first
     assert call["reg"] == 0.03 and call["tokens"] == "window:4" and [len(b[0]) for b in call["data"]] == [4, 4, 2]
+    bar = call["progress"](["a", "b"])  # the selection's bar: the CLI console's, so --quiet silences it
+    assert list(bar) == ["a", "b"] and bar.disable
     fused = BertForMaskedLM.from_pretrained(out)
     a, b = (BertForMaskedLM.from_pretrained(models[k]) for k in ("bert_a", "bert_b"))
     expected = average(b, a, weights=[3.0, 1.0])

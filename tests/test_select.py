@@ -81,6 +81,24 @@ def test_a_model_fused_with_itself_under_selection_is_itself():
     torch.testing.assert_close(outputs(fused, x), outputs(ta.model, x), atol=1e-4, rtol=0)
 
 
+def test_the_progress_hook_sees_every_candidate_and_changes_nothing():
+    ta, tb = pair("hf_vit")
+    data = batches("hf_vit")
+    seen: list[list] = []
+
+    def progress(rows):
+        seen.append(list(rows))
+        yield from seen[-1]
+
+    hooked = otfx.fuse(ta, tb, data=data, solver="emd", progress=progress)
+    plain = otfx.fuse(ta, tb, data=data, solver="emd")
+    assert len(seen) == 1 and len(seen[0]) == len(hooked.otfx_report["selection"]["rows"]) == 4
+    x = zoo.inputs("hf_vit", batch=3, seq=8, seed=7)
+    torch.testing.assert_close(outputs(hooked, x), outputs(plain, x), atol=0, rtol=0)
+    otfx.fuse(ta, tb, data=data, select="off", progress=progress)  # nothing is chosen: nothing to report
+    assert len(seen) == 1
+
+
 def test_select_off_and_fixed_options_fuse_once_as_given():
     ta, tb = pair("hf_vit")
     data = batches("hf_vit")
